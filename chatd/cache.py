@@ -1,0 +1,210 @@
+"""The newest page of each chat, in Redis, as ready JSON.
+
+Layout (``P`` is the key prefix, ``CHATD_REDIS_PREFIX``, default
+``chatd:<database name>``; the ``{chat:ID}`` hash tag keeps a chat's keys in
+one Redis Cluster slot):
+
+    P:{chat:ID}:meta   HASH  version, last_seq, complete
+    P:{chat:ID}:rows   LIST  the newest ``CACHE_ROWS`` messages as JSON,
+                             tombstones included, ascending and contiguous by seq
+
+Coherence comes from PostgreSQL, not from invalidation. Every write to a
+chat's messages bumps ``chats.version`` in the same statement, and the cached
+page carries the version it was built at. A reader fetches the chat's version
+(it needs the access check anyway, run in parallel with the cache read) and
+serves the cached rows only when the two are equal. So a reader never sees a
+page older than its own PostgreSQL snapshot, whatever Redis missed: a lost
+update, an outage, a process killed between commit and cache write.
+
+Writers keep the page warm by applying their change in place when the cached
+page is at exactly the previous version (a Lua script each, so it is atomic),
+and drop it otherwise; the next reader refills it from one snapshot.
+
+Redis trouble never fails a request: every call is bounded by
+``REDIS_TIMEOUT`` and, after a failure, Redis is left alone for a second (a
+circuit breaker) so requests do not queue behind timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("chatd.cache")
+
+# Reply: nil on a miss, else {version, complete, total_len, rows}.
+_READ = """
+local m = redis.call('HMGET', KEYS[1], 'version', 'complete')
+if not m[1] then return false end
+local rows = redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)
+return {m[1], m[2], redis.call('LLEN', KEYS[2]), rows}
+"""
+
+# ARGV: version, last_seq, complete (0|1), ttl, rows... (ascending).
+# Never replaces a page with an older one.
+_FILL = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[2])
+if #ARGV > 4 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 5)) end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'last_seq', ARGV[2], 'complete', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# ARGV: version, first_seq, cap, ttl, rows... (consecutive seqs from first_seq).
+# Applies only on top of exactly version - 1 ending at first_seq - 1.
+_APPEND = """
+local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
+if not m[1] then return 0 end
+local v = tonumber(ARGV[1])
+local first = tonumber(ARGV[2])
+if tonumber(m[1]) ~= v - 1 or tonumber(m[2]) ~= first - 1 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return -1
+end
+local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
+local cap = tonumber(ARGV[3])
+if n > cap then
+  redis.call('LTRIM', KEYS[2], -cap, -1)
+  redis.call('HSET', KEYS[1], 'complete', '0')
+end
+redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 5)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# ARGV: version, seq, row. Replaces the row of seq (if in the window) on top
+# of exactly version - 1.
+_REPLACE = """
+local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
+if not m[1] then return 0 end
+if tonumber(m[1]) ~= tonumber(ARGV[1]) - 1 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return -1
+end
+local len = redis.call('LLEN', KEYS[2])
+local idx = len - 1 - (tonumber(m[2]) - tonumber(ARGV[2]))
+if idx >= 0 and idx < len then redis.call('LSET', KEYS[2], idx, ARGV[3]) end
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+return 1
+"""
+
+
+@dataclass(slots=True)
+class CachedPage:
+    version: int
+    complete: bool  # the rows are every message of the chat
+    rows: list[bytes]  # ascending by seq
+
+
+class PageCache:
+    """Coherent newest-page cache; every method swallows Redis trouble."""
+
+    def __init__(self, client: aioredis.Redis | None, prefix: str, rows: int, ttl: int):
+        self._r = client
+        self._prefix = prefix
+        self.rows = rows if client is not None else 0
+        self._ttl = ttl
+        self._down_until = 0.0
+        self.hits = 0
+        self.misses = 0
+        if client is not None:
+            self._read = client.register_script(_READ)
+            self._fill = client.register_script(_FILL)
+            self._append = client.register_script(_APPEND)
+            self._replace = client.register_script(_REPLACE)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rows > 0 and time.monotonic() >= self._down_until
+
+    def _keys(self, chat_id: str) -> list[str]:
+        tag = f"{self._prefix}:{{chat:{chat_id}}}"
+        return [f"{tag}:meta", f"{tag}:rows"]
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning("redis %s failed (%s); serving from PostgreSQL", what, exc)
+        self._down_until = time.monotonic() + 1.0
+
+    async def read(self, chat_id: str, n: int) -> CachedPage | None:
+        if not self.enabled:
+            return None
+        try:
+            reply = await self._read(keys=self._keys(chat_id), args=[n])
+        except (RedisError, OSError) as exc:
+            self._failed("cache read", exc)
+            return None
+        if not reply:
+            return None
+        version, complete, total, rows = reply
+        return CachedPage(int(version), complete == b"1" and len(rows) == total, rows)
+
+    async def fill(self, chat_id: str, version: int, last_seq: int, complete: bool,
+                   rows: list[bytes]) -> None:  # fmt: skip
+        if not self.enabled:
+            return
+        args = [version, last_seq, 1 if complete else 0, self._ttl, *rows]
+        try:
+            await self._fill(keys=self._keys(chat_id), args=args)
+        except (RedisError, OSError) as exc:
+            self._failed("cache fill", exc)
+
+    async def appended(self, chat_id: str, version: int, first_seq: int,
+                       rows: list[bytes]) -> None:  # fmt: skip
+        if not self.enabled:
+            return
+        try:
+            await self._append(
+                keys=self._keys(chat_id), args=[version, first_seq, self.rows, self._ttl, *rows]
+            )
+        except (RedisError, OSError) as exc:
+            self._failed("cache append", exc)
+
+    async def replaced(self, chat_id: str, version: int, seq: int, row: bytes) -> None:
+        if not self.enabled:
+            return
+        try:
+            await self._replace(keys=self._keys(chat_id), args=[version, seq, row])
+        except (RedisError, OSError) as exc:
+            self._failed("cache replace", exc)
+
+    async def purge(self, chat_ids: list[str] | None = None) -> int:
+        """Remove chatd's cache keys (all of this prefix, or the given chats'); the count."""
+        if self._r is None:
+            return 0
+        if chat_ids is not None:
+            keys = [k for c in chat_ids for k in self._keys(c)]
+            return int(await self._r.delete(*keys)) if keys else 0
+        removed = 0
+        pattern = f"{_glob_escape(self._prefix)}:{{chat:*}}:*"
+        async for key in self._r.scan_iter(match=pattern, count=500):
+            removed += int(await self._r.delete(key))
+        return removed
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis:
+    """A Redis client whose every call is bounded by ``timeout`` seconds."""
+    # One retry: after a Redis restart the pooled socket is dead and the first
+    # attempt fails at once; the retry reconnects. More would only stretch an
+    # outage into request latency.
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )

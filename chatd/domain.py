@@ -1,0 +1,368 @@
+"""The rules of chatd, in one place.
+
+REST handlers, Socket.IO events and chatctl all call :class:`ChatService`; it
+validates input (through :mod:`chatd.validate`), decides who may do what,
+keeps the page cache in step and tells :class:`~chatd.events.Events` what
+happened after each commit. It imports neither tornado, socketio nor click.
+
+Who may do what (API.md):
+
+    read a chat           members; anyone signed in if the chat is public
+    post                  whoever may read (posting to a public chat joins it)
+    edit a message        its sender
+    delete a message      its sender, the chat's owners and admins
+    add / re-role member  owners (any role); admins (role member, not over
+                          owners or other admins); anyone for themselves as
+                          member of a public chat
+    remove a member       owners; admins (not owners or other admins); self
+    read marker           members
+
+A private chat the caller cannot read is ``chat_not_found`` (and a message in
+it ``message_not_found``), so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass
+
+import orjson
+
+from . import model, validate
+from .cache import PageCache
+from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
+from .events import Events, NullEvents
+from .storage import Access, Storage
+
+log = logging.getLogger("chatd.domain")
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+# join-chat replays at most this many missed messages (API.md); the client
+# pages on with GET .../messages?after_seq=.
+MAX_MISSED = 500
+PRIVILEGED = ("owner", "admin")
+
+dumps = orjson.dumps
+# orjson writes the keys in model.MESSAGE_KEYS order with no spaces and escapes
+# every quote inside strings, so this suffix can only be a tombstone's own key.
+_TOMBSTONE_TAIL = b'"deleted":true}'
+
+
+def is_tombstone(raw: bytes) -> bool:
+    return raw.endswith(_TOMBSTONE_TAIL)
+
+
+@dataclass(slots=True)
+class Page:
+    rows: list[bytes]  # message JSON, ascending by seq
+    has_more: bool
+
+    def json(self) -> bytes:
+        more = b"true" if self.has_more else b"false"
+        return b'{"messages":[' + b",".join(self.rows) + b'],"has_more":' + more + b"}"
+
+    def fragments(self) -> list[orjson.Fragment]:
+        """The rows for embedding in a larger orjson document (socket acks)."""
+        return [orjson.Fragment(r) for r in self.rows]
+
+
+@dataclass(slots=True)
+class Posted:
+    message: dict
+    raw: bytes
+    created: bool  # False: a repeat of an earlier client_id
+
+
+@dataclass(slots=True)
+class CatchUp:
+    last_seq: int
+    missed: Page
+
+
+class ChatService:
+    def __init__(
+        self,
+        storage: Storage,
+        cache: PageCache,
+        events: Events | None = None,
+        max_message_length: int = 4000,
+    ):
+        self.storage = storage
+        self.cache = cache
+        self.events: Events = events or NullEvents()
+        self.max_message_length = max_message_length
+        self._background: set[asyncio.Task] = set()
+
+    # -- access ---------------------------------------------------------------
+
+    async def readable(self, user_id: str, chat_id: object) -> Access:
+        """The caller's access to a chat they may read; chat_not_found otherwise."""
+        access = await self.storage.access(validate.chat_id(chat_id), user_id)
+        if access is None or (access.role is None and access.visibility != "public"):
+            raise chat_not_found()
+        return access
+
+    # -- messages ---------------------------------------------------------------
+
+    async def send(
+        self, user_id: str, chat_id: object, content: object, client_id: object = None
+    ) -> Posted:
+        chat_id = validate.chat_id(chat_id)
+        text = validate.content(content, self.max_message_length)
+        cid = validate.client_id(client_id)
+        sent = await self.storage.send(chat_id, user_id, text, cid)
+        if sent is None:
+            raise chat_not_found()
+        message = model.message(sent.row)
+        raw = dumps(message)
+        if sent.created:
+            # Cache before the event: a client that reacts to new-message by
+            # re-fetching then finds the page warm (it is correct either way).
+            await self.cache.appended(chat_id, sent.version, message["seq"], [raw])
+            await self.events.message_created(message, raw)
+        return Posted(message, raw, sent.created)
+
+    async def history(
+        self,
+        user_id: str,
+        chat_id: object,
+        *,
+        limit: int | None = None,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        include_deleted: bool = False,
+    ) -> Page:
+        chat_id = validate.chat_id(chat_id)
+        limit = DEFAULT_PAGE if limit is None else limit
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+        if before_seq is not None and after_seq is not None:
+            raise BadRequest("give at most one of before_seq and after_seq")
+        newest = before_seq is None and after_seq is None
+
+        if newest and limit < self.cache.rows and self.cache.enabled:
+            page = await self._newest_cached(user_id, chat_id, limit, include_deleted)
+            if page is not None:
+                return page
+        else:
+            await self.readable(user_id, chat_id)
+
+        rows = await self.storage.history(
+            chat_id,
+            limit=limit + 1,
+            before_seq=before_seq,
+            after_seq=after_seq,
+            include_deleted=include_deleted,
+        )
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if after_seq is None:
+            rows.reverse()
+        return Page([dumps(model.message(r)) for r in rows], has_more)
+
+    async def _newest_cached(
+        self, user_id: str, chat_id: str, limit: int, include_deleted: bool
+    ) -> Page | None:
+        """The newest page from the cache (or refilled from one snapshot), or None
+        when the cached window cannot answer it (too many tombstones)."""
+        want = limit + 1 if include_deleted else self.cache.rows
+        access, cached = await asyncio.gather(
+            self.readable(user_id, chat_id), self.cache.read(chat_id, want)
+        )
+        if cached is not None and cached.version == access.version:
+            self.cache.hits += 1
+            return _window_page(cached.rows, cached.complete, limit, include_deleted)
+        self.cache.misses += 1
+        filled = await self.storage.cache_fill(chat_id, self.cache.rows)
+        if filled is None:
+            raise chat_not_found()
+        version, last_seq, newest_first = filled
+        rows = [dumps(model.message(r)) for r in reversed(newest_first)]
+        # seq is gapless from 1 and tombstones keep their rows, so the window
+        # holds every message exactly when it has last_seq rows.
+        complete = len(rows) >= last_seq
+        self._spawn(self.cache.fill(chat_id, version, last_seq, complete, rows))
+        return _window_page(rows, complete, limit, include_deleted)
+
+    async def latest(self, user_id: str, chat_id: object) -> Posted | None:
+        """The chat's newest message (tombstone or not), for the original
+        ``send-message "chat_id"`` form, which re-emits it to the room."""
+        access = await self.readable(user_id, chat_id)
+        row = await self.storage.latest(chat_id) if access.last_seq else None
+        if row is None:
+            return None
+        message = model.message(row)
+        raw = dumps(message)
+        await self.events.message_created(message, raw)
+        return Posted(message, raw, False)
+
+    async def edit(self, user_id: str, message_id: object, content: object) -> Posted:
+        mid = validate.message_id(message_id)
+        text = validate.content(content, self.max_message_length)
+        facts = await self.storage.message_access(mid, user_id)
+        if facts is None or (facts.role is None and facts.visibility != "public"):
+            raise message_not_found()
+        if facts.sender_id != user_id:
+            raise Forbidden("only the sender may edit a message")
+        if facts.deleted:
+            raise message_not_found()
+        edited = await self.storage.edit_message(mid, text)
+        if edited is None:  # deleted in the meantime
+            raise message_not_found()
+        row, version = edited
+        message = model.message(row)
+        raw = dumps(message)
+        await self.cache.replaced(facts.chat_id, version, facts.seq, raw)
+        await self.events.message_updated(message, raw)
+        return Posted(message, raw, False)
+
+    async def delete(self, user_id: str, message_id: object) -> None:
+        mid = validate.message_id(message_id)
+        facts = await self.storage.message_access(mid, user_id)
+        if facts is None or (facts.role is None and facts.visibility != "public"):
+            raise message_not_found()
+        if facts.sender_id != user_id and facts.role not in PRIVILEGED:
+            raise Forbidden("only the sender or the chat's owners and admins may delete it")
+        if facts.deleted:
+            return  # deleting twice is fine (204 again)
+        deleted = await self.storage.delete_message(mid)
+        if deleted is None:  # someone else deleted it just now
+            return
+        row, version = deleted
+        await self.cache.replaced(facts.chat_id, version, facts.seq, dumps(model.message(row)))
+        await self.events.message_deleted(facts.chat_id, mid, facts.seq)
+
+    async def catch_up(self, user_id: str, chat_id: object, since_seq: int | None) -> CatchUp:
+        """The join-chat ack: the chat's last seq and what came after since_seq.
+        The caller has already joined the room, so anything committed after
+        this read reaches it as an event."""
+        chat_id = validate.chat_id(chat_id)
+        if since_seq is None:
+            access = await self.readable(user_id, chat_id)
+            return CatchUp(access.last_seq, Page([], False))
+        access, rows = await asyncio.gather(
+            self.readable(user_id, chat_id),
+            self.storage.history(
+                chat_id, limit=MAX_MISSED + 1, after_seq=since_seq, include_deleted=True
+            ),
+        )
+        has_more = len(rows) > MAX_MISSED
+        rows = rows[:MAX_MISSED]
+        last_seq = max(access.last_seq, rows[-1][2] if rows else 0)
+        return CatchUp(last_seq, Page([dumps(model.message(r)) for r in rows], has_more))
+
+    # -- chats ------------------------------------------------------------------
+
+    async def create_chat(self, user_id: str, body: object) -> dict:
+        body = validate.json_object(body)
+        raw_id = body.get("id")
+        chat_id = secrets.token_urlsafe(9) if raw_id is None else validate.chat_id(raw_id, "id")
+        title = validate.title(body.get("title"))
+        visibility = validate.visibility(body.get("visibility"))
+        others = list(
+            dict.fromkeys(u for u in validate.members(body.get("members")) if u != user_id)
+        )
+        chat_row, member_rows = await self.storage.create_chat(
+            chat_id, title, visibility, user_id, others
+        )
+        return model.chat(chat_row, [model.member(r) for r in member_rows])
+
+    async def get_chat(self, user_id: str, chat_id: object) -> dict:
+        await self.readable(user_id, chat_id)
+        chat_row, member_rows = await asyncio.gather(
+            self.storage.chat(chat_id), self.storage.members(chat_id)
+        )
+        if chat_row is None:  # deleted in the meantime
+            raise chat_not_found()
+        return model.chat(chat_row, [model.member(r) for r in member_rows])
+
+    async def list_chats(self, user_id: str) -> list[dict]:
+        out = []
+        for row in await self.storage.user_chats(user_id):
+            chat = model.chat(row[:6])
+            chat["role"] = row[6]
+            chat["last_read_seq"] = row[7]
+            chat["unread_count"] = row[8]
+            chat["last_message"] = model.message(row[9:18]) if row[9] is not None else None
+            out.append(chat)
+        return out
+
+    async def put_member(self, user_id: str, chat_id: object, target: object, body: object) -> dict:
+        chat_id = validate.chat_id(chat_id)
+        target = validate.user_id(target)
+        body = {} if body is None else validate.json_object(body)
+        role = validate.role(body.get("role"))
+        access = await self.readable(user_id, chat_id)
+        if access.role == "owner":
+            if target == user_id and role != "owner":
+                await self._keep_an_owner(chat_id)
+        elif access.role == "admin":
+            if role != "member":
+                raise Forbidden("only an owner may grant the admin or owner role")
+            current = await self.storage.member(chat_id, target)
+            if current is not None and current[1] in PRIVILEGED and target != user_id:
+                raise Forbidden("admins may not change the role of owners or other admins")
+        elif not (access.visibility == "public" and target == user_id and role == "member"):
+            raise Forbidden("only owners and admins may add members")
+        return model.member(await self.storage.upsert_member(chat_id, target, role))
+
+    async def remove_member(self, user_id: str, chat_id: object, target: object) -> None:
+        chat_id = validate.chat_id(chat_id)
+        target = validate.user_id(target)
+        access = await self.readable(user_id, chat_id)
+        if target == user_id:
+            if access.role is None:
+                return
+            if access.role == "owner":
+                await self._keep_an_owner(chat_id)
+        elif access.role in PRIVILEGED:
+            current = await self.storage.member(chat_id, target)
+            if current is None:
+                return
+            if access.role == "admin" and current[1] in PRIVILEGED:
+                raise Forbidden("admins may not remove owners or other admins")
+        else:
+            raise Forbidden("only owners and admins may remove other members")
+        if await self.storage.remove_member(chat_id, target):
+            await self.events.member_removed(chat_id, target)
+
+    async def _keep_an_owner(self, chat_id: str) -> None:
+        if await self.storage.owner_count(chat_id) <= 1:
+            raise Conflict("a chat needs an owner: make someone else owner first")
+
+    async def mark_read(self, user_id: str, chat_id: object, seq: object) -> None:
+        chat_id = validate.chat_id(chat_id)
+        seq = validate.json_int(seq, "seq")
+        moved = await self.storage.mark_read(chat_id, user_id, seq)
+        if moved is None:
+            access = await self.readable(user_id, chat_id)
+            if access.role is None:
+                raise Forbidden("only members have a read marker")
+            return  # not forward: nothing to tell
+        await self.events.read_moved(chat_id, user_id, moved)
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background cache writes (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _window_page(
+    rows: list[bytes], complete: bool, limit: int, include_deleted: bool
+) -> Page | None:
+    visible = rows if include_deleted else [r for r in rows if not is_tombstone(r)]
+    if len(visible) > limit:
+        return Page(visible[-limit:], True)
+    if complete:
+        return Page(visible, False)
+    return None

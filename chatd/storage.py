@@ -1,0 +1,442 @@
+"""PostgreSQL, through one aiopg pool per process.
+
+Every query chatd runs is in this module, parameterised, with a note on why it
+is shaped the way it is. Rules (who may do what) are not here: the domain
+layer asks for facts and decides. Connection trouble of any kind surfaces as
+:class:`~chatd.errors.Unavailable` (503), never as a hang: the pool's timeout
+bounds both waiting for a connection and each query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiopg
+import psycopg2
+import psycopg2.errors
+
+from .errors import Conflict, Unavailable
+
+log = logging.getLogger("chatd.storage")
+
+
+def _ts(col: str) -> str:
+    # ISO-8601 UTC with milliseconds and Z, formatted by PostgreSQL: cheaper than
+    # building a datetime per row in Python and formatting it again.
+    return f"""to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+
+
+# The 9 columns of a message, in model.MESSAGE_KEYS order.
+MSG_COLS = (
+    "m.id, m.chat_id, m.seq, m.sender_id, m.content, m.client_id, "
+    f"{_ts('m.created_at')}, {_ts('m.edited_at')}, m.deleted"
+)
+CHAT_COLS = f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq"
+MEMBER_COLS = f"cm.user_id, cm.role, {_ts('cm.joined_at')}, cm.last_read_seq"
+
+_UNAVAILABLE = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    asyncio.TimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What the domain needs to decide about a caller and a chat."""
+
+    visibility: str
+    last_seq: int
+    version: int
+    role: str | None  # None: not a member
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAccess:
+    id: int
+    chat_id: str
+    seq: int
+    sender_id: str
+    deleted: bool
+    visibility: str
+    role: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """Outcome of a send: created (row, version) or a repeat of client_id (row)."""
+
+    row: tuple
+    created: bool
+    version: int = 0
+    joined: bool = False  # the send made the poster a member (public chat)
+
+
+class SQL:
+    # Access check: one indexed lookup on each table. Returns the chat even when
+    # the caller is not a member, so "no such chat" and "not a member of a
+    # private chat" can be told apart by the domain (both end as 404).
+    ACCESS = """
+        SELECT c.visibility, c.last_seq, c.version, cm.role
+          FROM chats c
+          LEFT JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = %(user_id)s
+         WHERE c.id = %(chat_id)s"""
+
+    # A send is ONE statement, so one round trip and one implicit transaction:
+    # the UPDATE takes the chat row's lock (serialising that chat's senders, so
+    # seq is gapless and in commit order) and only matches when the sender may
+    # post (a member, or anyone on a public chat, who then becomes a member in
+    # the same statement). A repeated client_id violates messages_client_id,
+    # which aborts the whole statement, seq bump included.
+    SEND = f"""
+        WITH c AS (
+            UPDATE chats
+               SET last_seq = last_seq + 1, version = version + 1
+             WHERE id = %(chat_id)s
+               AND (visibility = 'public'
+                    OR EXISTS (SELECT 1 FROM chat_members
+                                WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s))
+         RETURNING id, last_seq, version, visibility
+        ), j AS (
+            INSERT INTO chat_members (chat_id, user_id)
+            SELECT id, %(user_id)s FROM c WHERE visibility = 'public'
+            ON CONFLICT DO NOTHING
+            RETURNING user_id
+        ), m AS (
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
+            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s FROM c
+            RETURNING *
+        )
+        SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
+          FROM m, c"""
+
+    BY_CLIENT_ID = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s AND m.sender_id = %(user_id)s
+           AND m.client_id = %(client_id)s"""
+
+    # History pages all walk messages_chat_seq (chat_id, seq) in one direction
+    # and stop after limit + 1 rows (the extra row answers has_more).
+    NEWEST = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s {{deleted}}
+         ORDER BY m.seq DESC LIMIT %(limit)s"""
+    BEFORE = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s AND m.seq < %(seq)s {{deleted}}
+         ORDER BY m.seq DESC LIMIT %(limit)s"""
+    AFTER = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s AND m.seq > %(seq)s {{deleted}}
+         ORDER BY m.seq ASC LIMIT %(limit)s"""
+
+    # The newest rows for the page cache, with the chat's version from the same
+    # snapshot, so the cached page is exactly the chat as of that version.
+    CACHE_FILL = f"""
+        SELECT c.version, c.last_seq, {MSG_COLS}
+          FROM chats c
+          LEFT JOIN LATERAL (
+              SELECT * FROM messages
+               WHERE chat_id = c.id ORDER BY seq DESC LIMIT %(limit)s) m ON true
+         WHERE c.id = %(chat_id)s
+         ORDER BY m.seq DESC"""
+
+    LATEST = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s ORDER BY m.seq DESC LIMIT 1"""
+
+    MESSAGE_ACCESS = """
+        SELECT m.id, m.chat_id, m.seq, m.sender_id, m.deleted, c.visibility, cm.role
+          FROM messages m
+          JOIN chats c ON c.id = m.chat_id
+          LEFT JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = %(user_id)s
+         WHERE m.id = %(id)s"""
+
+    # Delete and edit bump the chat's version in the same statement, which is
+    # what keeps the page cache honest (see sql/001_schema.sql). Deleting erases
+    # the content; the row stays as a tombstone so seq stays gapless.
+    DELETE = f"""
+        WITH m AS (
+            UPDATE messages SET deleted = true, content = NULL
+             WHERE id = %(id)s AND NOT deleted
+         RETURNING *
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+              FROM m WHERE c.id = m.chat_id
+         RETURNING c.version
+        )
+        SELECT {MSG_COLS}, v.version FROM m, v"""
+
+    EDIT = f"""
+        WITH m AS (
+            UPDATE messages SET content = %(content)s, edited_at = now()
+             WHERE id = %(id)s AND NOT deleted
+         RETURNING *
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+              FROM m WHERE c.id = m.chat_id
+         RETURNING c.version
+        )
+        SELECT {MSG_COLS}, v.version FROM m, v"""
+
+    CREATE_CHAT = f"""
+        INSERT INTO chats AS c (id, title, visibility, created_by)
+        VALUES (%(id)s, %(title)s, %(visibility)s, %(created_by)s)
+        RETURNING {CHAT_COLS}"""
+
+    # The creator first (owner), then the listed users (members), in one
+    # statement; ordinality keeps the order for the answer.
+    ADD_MEMBERS = f"""
+        INSERT INTO chat_members AS cm (chat_id, user_id, role)
+        SELECT %(chat_id)s, u.user_id, CASE WHEN u.ord = 1 THEN 'owner' ELSE 'member' END
+          FROM unnest(%(users)s::text[]) WITH ORDINALITY AS u(user_id, ord)
+        RETURNING {MEMBER_COLS}"""
+
+    CHAT = f"SELECT {CHAT_COLS} FROM chats c WHERE c.id = %(chat_id)s"
+    MEMBERS = f"""
+        SELECT {MEMBER_COLS} FROM chat_members cm
+         WHERE cm.chat_id = %(chat_id)s ORDER BY cm.joined_at, cm.user_id"""
+
+    # The caller's chats, most recently active first. unread_count counts only
+    # what others sent above the caller's marker (an index range scan on
+    # messages_chat_seq per chat); last_message skips tombstones.
+    USER_CHATS = f"""
+        SELECT {CHAT_COLS}, cm.role, cm.last_read_seq,
+               (SELECT count(*) FROM messages u
+                 WHERE u.chat_id = c.id AND u.seq > cm.last_read_seq
+                   AND u.sender_id <> cm.user_id AND NOT u.deleted) AS unread,
+               {MSG_COLS}
+          FROM chat_members cm
+          JOIN chats c ON c.id = cm.chat_id
+          LEFT JOIN LATERAL (
+              SELECT * FROM messages
+               WHERE chat_id = c.id AND NOT deleted ORDER BY seq DESC LIMIT 1) m ON true
+         WHERE cm.user_id = %(user_id)s
+         ORDER BY coalesce(m.created_at, c.created_at) DESC, c.id"""
+
+    UPSERT_MEMBER = f"""
+        INSERT INTO chat_members AS cm (chat_id, user_id, role)
+        VALUES (%(chat_id)s, %(user_id)s, %(role)s)
+        ON CONFLICT (chat_id, user_id) DO UPDATE SET role = EXCLUDED.role
+        RETURNING {MEMBER_COLS}"""
+    MEMBER = f"""
+        SELECT {MEMBER_COLS} FROM chat_members cm
+         WHERE cm.chat_id = %(chat_id)s AND cm.user_id = %(user_id)s"""
+    OWNERS = """
+        SELECT count(*) FROM chat_members
+         WHERE chat_id = %(chat_id)s AND role = 'owner'"""
+    REMOVE_MEMBER = """
+        DELETE FROM chat_members
+         WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s
+        RETURNING role"""
+
+    # The marker only moves forward, and never past the chat's last seq.
+    MARK_READ = """
+        UPDATE chat_members cm
+           SET last_read_seq = LEAST(%(seq)s, c.last_seq)
+          FROM chats c
+         WHERE cm.chat_id = %(chat_id)s AND cm.user_id = %(user_id)s AND c.id = cm.chat_id
+           AND LEAST(%(seq)s, c.last_seq) > cm.last_read_seq
+        RETURNING cm.last_read_seq"""
+
+
+class Storage:
+    def __init__(self, pool: aiopg.Pool, timeout: float):
+        self._pool = pool
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(cls, dsn: str, size: int = 20, query_timeout: float = 5.0) -> Storage:
+        try:
+            pool = await aiopg.create_pool(
+                dsn,
+                minsize=1,
+                maxsize=size,
+                timeout=query_timeout,
+                # chatd formats JSON and timestamps itself: skip the type
+                # registrations, each of which costs a query per new connection.
+                enable_json=False,
+                enable_hstore=False,
+                enable_uuid=False,
+                application_name="chatd",
+            )
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
+        return cls(pool, query_timeout)
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
+
+    @property
+    def pool_stats(self) -> dict:
+        return {"size": self._pool.size, "free": self._pool.freesize, "max": self._pool.maxsize}
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self) -> AsyncIterator:
+        try:
+            conn = await self._pool.acquire()
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
+        try:
+            cur = await conn.cursor()
+            try:
+                yield cur
+            except _UNAVAILABLE as exc:
+                raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
+            finally:
+                cur.close()
+        finally:
+            if not conn.closed and conn.raw.get_transaction_status() not in (
+                psycopg2.extensions.TRANSACTION_STATUS_IDLE,
+            ):
+                conn.close()  # a query cancelled mid-flight: do not reuse
+            self._pool.release(conn)
+
+    async def _one(self, sql: str, params: dict) -> tuple | None:
+        async with self._cursor() as cur:
+            await cur.execute(sql, params)
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: dict) -> list[tuple]:
+        async with self._cursor() as cur:
+            await cur.execute(sql, params)
+            return await cur.fetchall()
+
+    # -- queries ----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._one("SELECT 1", {})
+
+    async def access(self, chat_id: str, user_id: str) -> Access | None:
+        row = await self._one(SQL.ACCESS, {"chat_id": chat_id, "user_id": user_id})
+        return Access(*row) if row else None
+
+    async def send(
+        self, chat_id: str, user_id: str, content: str, client_id: str | None
+    ) -> Sent | None:
+        """Insert a message; None when the sender may not post (or no such chat)."""
+        params = {"chat_id": chat_id, "user_id": user_id, "content": content,
+                  "client_id": client_id}  # fmt: skip
+        try:
+            row = await self._one(SQL.SEND, params)
+        except psycopg2.errors.UniqueViolation:
+            if client_id is None:
+                raise
+            original = await self._one(SQL.BY_CLIENT_ID, params)
+            if original is None:  # pragma: no cover - the index just said it exists
+                raise
+            return Sent(row=original, created=False)
+        if row is None:
+            return None
+        return Sent(row=row[:9], created=True, version=row[9], joined=row[10])
+
+    async def history(
+        self,
+        chat_id: str,
+        *,
+        limit: int,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        include_deleted: bool = False,
+    ) -> list[tuple]:
+        """Up to ``limit`` rows, newest-first for newest/before pages, oldest-first for after."""
+        deleted = "" if include_deleted else "AND NOT m.deleted"
+        if after_seq is not None:
+            sql, seq = SQL.AFTER, after_seq
+        elif before_seq is not None:
+            sql, seq = SQL.BEFORE, before_seq
+        else:
+            sql, seq = SQL.NEWEST, None
+        return await self._all(
+            sql.format(deleted=deleted), {"chat_id": chat_id, "seq": seq, "limit": limit}
+        )
+
+    async def cache_fill(self, chat_id: str, limit: int) -> tuple[int, int, list[tuple]] | None:
+        """(version, last_seq, newest rows newest-first) from one snapshot; None: no chat."""
+        rows = await self._all(SQL.CACHE_FILL, {"chat_id": chat_id, "limit": limit})
+        if not rows:
+            return None
+        version, last_seq = rows[0][0], rows[0][1]
+        return version, last_seq, [r[2:] for r in rows if r[2] is not None]
+
+    async def latest(self, chat_id: str) -> tuple | None:
+        return await self._one(SQL.LATEST, {"chat_id": chat_id})
+
+    async def message_access(self, message_id: int, user_id: str) -> MessageAccess | None:
+        row = await self._one(SQL.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
+        return MessageAccess(*row) if row else None
+
+    async def delete_message(self, message_id: int) -> tuple[tuple, int] | None:
+        """(tombstone row, version); None if it was already deleted."""
+        row = await self._one(SQL.DELETE, {"id": message_id})
+        return (row[:9], row[9]) if row else None
+
+    async def edit_message(self, message_id: int, content: str) -> tuple[tuple, int] | None:
+        row = await self._one(SQL.EDIT, {"id": message_id, "content": content})
+        return (row[:9], row[9]) if row else None
+
+    async def create_chat(
+        self, chat_id: str, title: str, visibility: str, created_by: str, members: list[str]
+    ) -> tuple[tuple, list[tuple]]:
+        async with self._cursor() as cur, cur.begin():
+            try:
+                await cur.execute(
+                    SQL.CREATE_CHAT,
+                    {"id": chat_id, "title": title, "visibility": visibility,
+                     "created_by": created_by},
+                )  # fmt: skip
+            except psycopg2.errors.UniqueViolation:
+                raise Conflict(f"chat id {chat_id!r} is already taken") from None
+            chat = await cur.fetchone()
+            await cur.execute(
+                SQL.ADD_MEMBERS, {"chat_id": chat_id, "users": [created_by, *members]}
+            )
+            members_rows = await cur.fetchall()
+        return chat, members_rows
+
+    async def chat(self, chat_id: str) -> tuple | None:
+        return await self._one(SQL.CHAT, {"chat_id": chat_id})
+
+    async def members(self, chat_id: str) -> list[tuple]:
+        return await self._all(SQL.MEMBERS, {"chat_id": chat_id})
+
+    async def user_chats(self, user_id: str) -> list[tuple]:
+        return await self._all(SQL.USER_CHATS, {"user_id": user_id})
+
+    async def member(self, chat_id: str, user_id: str) -> tuple | None:
+        return await self._one(SQL.MEMBER, {"chat_id": chat_id, "user_id": user_id})
+
+    async def owner_count(self, chat_id: str) -> int:
+        row = await self._one(SQL.OWNERS, {"chat_id": chat_id})
+        return row[0] if row else 0
+
+    async def upsert_member(self, chat_id: str, user_id: str, role: str) -> tuple:
+        row = await self._one(
+            SQL.UPSERT_MEMBER, {"chat_id": chat_id, "user_id": user_id, "role": role}
+        )
+        assert row is not None
+        return row
+
+    async def remove_member(self, chat_id: str, user_id: str) -> bool:
+        return (
+            await self._one(SQL.REMOVE_MEMBER, {"chat_id": chat_id, "user_id": user_id}) is not None
+        )
+
+    async def mark_read(self, chat_id: str, user_id: str, seq: int) -> int | None:
+        """The new marker if it moved forward, else None."""
+        row = await self._one(SQL.MARK_READ, {"chat_id": chat_id, "user_id": user_id, "seq": seq})
+        return row[0] if row else None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

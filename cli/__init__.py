@@ -1,0 +1,1 @@
+"""chatctl: the chatd admin CLI."""
