@@ -204,13 +204,20 @@ def database_name(url: str | None) -> str:
     return path or "postgres"
 
 
-def load(environ: dict | None = None, env_file: str | os.PathLike | None = None) -> Settings:
+def load(
+    environ: dict | None = None,
+    env_file: str | os.PathLike | None = None,
+    use_dotenv: bool = True,
+) -> Settings:
     """Read the settings. ``env_file`` defaults to ``.env`` in the working directory
-    (or ``CHATD_ENV_FILE``); a missing default file is fine, a missing named one is not."""
+    (or ``CHATD_ENV_FILE``); a missing default file is fine, a missing named one is not.
+    ``use_dotenv=False`` reads ``environ`` alone (tests)."""
     environ = dict(os.environ if environ is None else environ)
     path = env_file or environ.get("CHATD_ENV_FILE")
     dotenv: dict = {}
-    if path:
+    if not use_dotenv:
+        pass
+    elif path:
         if not Path(path).is_file():
             raise ConfigError(f"env file {str(path)!r} does not exist")
         dotenv = dotenv_values(path)
