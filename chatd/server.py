@@ -56,7 +56,17 @@ class Chatd:
         else:
             log.warning("no REDIS_URL/REDIS_HOST: no page cache, and one process only")
         page_cache = cache.PageCache(self.redis, s.redis_prefix, s.cache_rows, s.cache_ttl)
-        self.sio = realtime.create_server(s.cors_origins)
+        manager = None
+        if s.redis_url:
+            # Emits go through Redis to every chatd process sharing it, so a
+            # room's sockets get an event wherever they are connected.
+            manager = socketio.AsyncRedisManager(
+                s.redis_url,
+                channel=s.socketio_channel,
+                json=realtime.OrjsonPackets,
+                redis_options={"socket_connect_timeout": s.redis_timeout},
+            )
+        self.sio = realtime.create_server(s.cors_origins, manager)
         events = realtime.SocketEvents(self.sio)
         self.domain = ChatService(self.storage, page_cache, events, s.max_message_length)
         verifier = TokenVerifier(

@@ -101,6 +101,7 @@ def settings(database_url, redis_prefix) -> config.Settings:
             "REDIS_URL": REDIS_URL,
             "ACCESS_TOKEN_SECRET": SECRET,
             "CHATD_REDIS_PREFIX": redis_prefix,
+            "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
             "LOG_LEVEL": "warning",
@@ -140,6 +141,7 @@ def spawn(database_url, redis_prefix):
             "REDIS_URL": REDIS_URL,
             "ACCESS_TOKEN_SECRET": SECRET,
             "CHATD_REDIS_PREFIX": redis_prefix,
+            "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
         }
