@@ -204,7 +204,7 @@ async def test_chunked_body_over_64_kib_is_413(chatd, api, chat_id):
 @pytest.mark.gen_test
 @pytest.mark.parametrize(
     "bad",
-    ["x" * 65, "a.b", "a%20b", "a%2Fb", "%2F", "caf%C3%A9", "a%00b", "a*b", "a%2F..%2Fb"],
+    ["x" * 65, "a.b", "a%20b", "a%2Fb", "%2F", "caf%C3%A9", "a%00b", "a*b", "a%2F..%2Fb", "%FF"],
 )
 async def test_bad_chat_ids_in_paths_are_400(api, bad):
     for method, path, body in (
@@ -291,6 +291,9 @@ BAD_TOKENS = {
     "no_user_claim": _jwt({"name": "alice", "exp": NOW + 3600}),
     "empty_user_claim": _jwt({"sub": "", "exp": NOW + 3600}),
     "object_user_claim": _jwt({"sub": {"id": "alice"}, "exp": NOW + 3600}),
+    "nul_in_user": _jwt({"sub": "a\x00b", "exp": NOW + 3600}),
+    "control_char_in_user": _jwt({"sub": "a\nb", "exp": NOW + 3600}),
+    "user_too_long": _jwt({"sub": "u" * 129, "exp": NOW + 3600}),
     "huge": _jwt({"sub": "alice", "exp": NOW + 3600, "pad": "x" * 20000}),
 }
 
