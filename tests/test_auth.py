@@ -137,7 +137,7 @@ async def test_rest_authorisation_matrix(api, chat_id, endpoint, actor):
 async def test_sender_may_edit_and_delete_own_message(api, chat_id):
     world = await _world(api, chat_id)
     for vis in ("private", "public"):
-        cid, msg = world[vis]
+        _cid, msg = world[vis]
         resp = await api.patch(f"/messages/{msg['id']}", {"content": "mine"}, user="carol")
         assert resp.status == 200 and resp.json["content"] == "mine"
         assert (await api.delete(f"/messages/{msg['id']}", user="carol")).status == 204
@@ -268,3 +268,28 @@ async def test_outsider_refused_join_gets_no_events_of_the_private_chat(chatd, a
         assert [e["content"] for e in eve.of("new-message")] == ["marker"]
     finally:
         await eve.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_readyz_is_503_naming_the_store_that_does_not_answer(io_loop, settings):
+    import dataclasses
+
+    from chatd.server import Chatd
+
+    from .helpers import Api
+
+    # Nothing listens on port 1: Redis is "down" for this process only.
+    broken = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0", redis_timeout=0.2)
+    daemon = Chatd(broken)
+    await daemon.start()
+    try:
+        resp = await Api(f"http://127.0.0.1:{daemon.port}").get("/readyz", user=None)
+        assert resp.status == 503
+        assert resp.error_code == "unavailable"
+        assert "redis" in resp.json["error"]["message"]
+        assert "postgres" not in resp.json["error"]["message"]
+        assert (
+            await Api(f"http://127.0.0.1:{daemon.port}").get("/healthz", user=None)
+        ).status == 200
+    finally:
+        await daemon.stop()

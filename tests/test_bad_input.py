@@ -390,9 +390,14 @@ async def test_wrong_methods_are_405_method_not_allowed(api, method, path):
 # -- property: random JSON never makes a 500 -------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 send_bodies = json_values | st.fixed_dictionaries(
@@ -427,8 +432,13 @@ async def test_random_json_bodies_never_make_a_500(api, chat_id):
         if resp.status >= 400:
             assert set(resp.json) == {"error"}, (path, body, resp)
     # And bodies that are not even JSON text, including lone surrogates.
-    for raw in (b'{"content": "\\ud800"}', b'{"title": "\\udfff"}', b'"\\ud83d"',
-                b'{"content": 123456789012345678901234567890}', b'{"title": 1e400}'):
+    for raw in (
+        b'{"content": "\\ud800"}',
+        b'{"title": "\\udfff"}',
+        b'"\\ud83d"',
+        b'{"content": 123456789012345678901234567890}',
+        b'{"title": 1e400}',
+    ):
         for path in (f"/chats/{chat_id}/messages", "/chats"):
             resp = await api.post(path, raw=raw)
             assert resp.status == 400, (path, raw, resp)

@@ -14,7 +14,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 @pytest.mark.gen_test
 async def test_create_chat_answers_201_with_defaults_and_the_creator_as_owner(api, chat_id):
     resp = await api.post(
-        "/chats", {"id": chat_id, "title": "  General ", "members": ["bob", "alice", "bob", "carol"]}
+        "/chats",
+        {"id": chat_id, "title": "  General ", "members": ["bob", "alice", "bob", "carol"]},
     )
     assert resp.status == 201
     chat = resp.json

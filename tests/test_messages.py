@@ -8,7 +8,6 @@ import re
 
 import psycopg2
 import pytest
-
 from tornado.httpclient import AsyncHTTPClient
 
 from .helpers import Api
@@ -134,9 +133,7 @@ async def test_fifty_concurrent_sends_get_seqs_1_to_50_in_commit_order(api, chat
 
 
 @pytest.mark.gen_test
-async def test_retry_with_same_client_id_returns_200_and_the_original(
-    api, chat_id, database_url
-):
+async def test_retry_with_same_client_id_returns_200_and_the_original(api, chat_id, database_url):
     await api.create_chat(chat_id)
     first = await api.send(chat_id, "once", client_id="retry-1")
     assert first.status == 201
@@ -300,9 +297,9 @@ async def test_delete_erases_content_in_the_database(api, chat_id, database_url)
     await api.create_chat(chat_id)
     msg = (await api.send(chat_id, "secret")).json
     assert (await api.delete(f"/messages/{msg['id']}")).status == 204
-    assert sql(database_url, "SELECT content, deleted FROM messages WHERE id = %s", (msg["id"],)) == [
-        (None, True)
-    ]
+    assert sql(
+        database_url, "SELECT content, deleted FROM messages WHERE id = %s", (msg["id"],)
+    ) == [(None, True)]
 
 
 @pytest.mark.gen_test

@@ -114,7 +114,7 @@ def test_a_changed_applied_file_is_reported_by_name(empty_database_url, sql_copy
 
 def test_a_failing_migration_leaves_nothing_behind(empty_database_url, sql_copy):
     (sql_copy / "002_extra.sql").write_text("CREATE TABLE half (id int);\nSELECT 1/0;\n")
-    with pytest.raises(migrations.MigrationError, match="002_extra.sql"):
+    with pytest.raises(migrations.MigrationError, match=r"002_extra\.sql"):
         migrations.migrate(empty_database_url, sql_copy)
     assert pg(empty_database_url, "SELECT to_regclass('half')") == [(None,)]
     assert pg(empty_database_url, "SELECT version FROM schema_migrations") == [("001_schema.sql",)]
@@ -128,7 +128,7 @@ def test_two_concurrent_migrate_runs_apply_each_file_once(empty_database_url, sq
     def run():
         try:
             results.append(migrations.migrate(empty_database_url, sql_copy))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(2)]

@@ -260,8 +260,11 @@ async def test_send_message_string_form_re_emits_the_latest_message(url, api, ch
         await bob.wait_for("new-message", lambda d: d["id"] == latest["id"])
         ack = await alice.call("send-message", chat_id)
         assert ack == {"ok": True, "message": latest}
-        await bob.wait_for("new-message", lambda d: len([e for e in bob.of("new-message")
-                                                          if e["id"] == latest["id"]]) == 2)  # fmt: skip
+
+        def twice(_d) -> bool:
+            return sum(e["id"] == latest["id"] for e in bob.of("new-message")) == 2
+
+        await bob.wait_for("new-message", twice)
         assert [m["content"] for m in bob.of("new-message")] == ["older", "latest", "latest"]
         # No new message was created.
         assert (await api.get(f"/chats/{chat_id}")).json["last_seq"] == 2
