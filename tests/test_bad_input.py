@@ -508,3 +508,37 @@ async def test_bad_handshake_token_gives_connect_error_unauthorized(chatd, name)
     with pytest.raises(socketio.exceptions.ConnectionError):
         await client.connect()
     assert errors == [{"message": "unauthorized"}]
+
+
+def test_audience_and_issuer_are_checked_only_when_configured():
+    from chatd.auth import TokenVerifier
+    from chatd.errors import Unauthorized
+
+    plain = TokenVerifier(SECRET)
+    strict = TokenVerifier(SECRET, audience="chat", issuer="auth")
+    good = _jwt({"sub": "a", "exp": NOW + 3600, "aud": "chat", "iss": "auth"})
+    assert plain.verify(good) == "a" and strict.verify(good) == "a"
+    for claims in (
+        {"aud": "other", "iss": "auth"},
+        {"aud": "chat", "iss": "other"},
+        {"iss": "auth"},
+        {"aud": "chat"},
+    ):
+        tok = _jwt({"sub": "a", "exp": NOW + 3600, **claims})
+        assert plain.verify(tok) == "a"
+        with pytest.raises(Unauthorized) as info:
+            strict.verify(tok)
+        assert info.value.code == "unauthorized"
+
+
+def test_a_cached_token_still_expires():
+    from chatd.auth import TokenVerifier
+    from chatd.errors import Unauthorized
+
+    verifier = TokenVerifier(SECRET)
+    tok = _jwt({"sub": "a", "exp": int(time.time()) + 1})
+    assert verifier.verify(tok) == "a"
+    time.sleep(1.1)
+    with pytest.raises(Unauthorized) as info:
+        verifier.verify(tok)
+    assert info.value.code == "token_expired"

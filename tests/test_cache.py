@@ -213,3 +213,30 @@ async def test_cached_page_is_still_access_checked(chatd, api, chat_id, settings
     await api.delete(f"/chats/{chat_id}/members/bob")
     resp = await api.get(f"/chats/{chat_id}/messages", user="bob")
     assert resp.status == 404 and resp.error_code == "chat_not_found"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_without_redis_everything_is_served_from_postgres(io_loop, settings, chat_id):
+    import dataclasses
+
+    from .helpers import SocketClient
+
+    daemon = Chatd(dataclasses.replace(settings, redis_url=None))
+    await daemon.start()
+    try:
+        api = Api(f"http://127.0.0.1:{daemon.port}")
+        assert (await api.get("/readyz", user=None)).status == 200
+        await api.create_chat(chat_id, members=["bob"])
+        bob = await SocketClient(f"http://127.0.0.1:{daemon.port}", user="bob").connect()
+        try:
+            assert (await bob.call("join-chat", chat_id))["ok"]
+            m = (await api.send(chat_id, "no redis")).json
+            assert await bob.wait_for("new-message") == m
+        finally:
+            await bob.close()
+        assert await contents(api, chat_id) == ["no redis"]
+        await api.patch(f"/messages/{m['id']}", {"content": "still none"})
+        assert await contents(api, chat_id) == ["still none"]
+        assert daemon.domain.cache.hits == 0
+    finally:
+        await daemon.stop()

@@ -314,3 +314,25 @@ async def test_websocket_client_sees_new_message_with_full_payload_after_rest_se
         assert event["client_id"] == "pub-1" and event["deleted"] is False
     finally:
         await eve.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_read_marker_moving_forward_emits_read_to_the_room(url, api, chat_id):
+    await api.create_chat(chat_id, members=["bob"])
+    for i in range(3):
+        await api.send(chat_id, f"m{i}")
+    alice = await connect(url, "alice")
+    try:
+        assert (await alice.call("join-chat", chat_id))["ok"]
+        assert (await api.post(f"/chats/{chat_id}/read", {"seq": 2}, user="bob")).status == 204
+        event = await alice.wait_for("read")
+        assert event == {"chat_id": chat_id, "user_id": "bob", "seq": 2}
+        # Not forward: no event. Clamped: the event carries the clamped seq.
+        assert (await api.post(f"/chats/{chat_id}/read", {"seq": 1}, user="bob")).status == 204
+        assert (await api.post(f"/chats/{chat_id}/read", {"seq": 50}, user="bob")).status == 204
+        event = await alice.wait_for("read", lambda d: d["seq"] != 2)
+        assert event == {"chat_id": chat_id, "user_id": "bob", "seq": 3}
+        await settle(alice, api, chat_id)
+        assert [e["seq"] for e in alice.of("read")] == [2, 3]
+    finally:
+        await alice.close()
