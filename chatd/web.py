@@ -79,9 +79,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if method == "OPTIONS":
             self._preflight()
             return
-        length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
+        length = self._check_length()
         if method not in self.METHODS:
             raise tornado.web.HTTPError(405)
         if self.PUBLIC:
@@ -93,6 +91,13 @@ class BaseHandler(tornado.web.RequestHandler):
             self._authenticate_after_body()
         else:
             self._authenticate()
+
+    def _check_length(self) -> str | None:
+        """The Content-Length header; 413 when it announces more than MAX_BODY."""
+        length = self.request.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
+        return length
 
     def _authenticate(self) -> None:
         self.user_id = self.ctx.verifier.verify(bearer(self.request.headers.get("Authorization")))
@@ -309,6 +314,7 @@ class NotFoundHandler(BaseHandler):
     PUBLIC = True
 
     async def prepare(self) -> None:
+        self._check_length()  # API.md: the body limit comes before anything else
         raise NotFound("no such route")
 
 
