@@ -240,3 +240,59 @@ async def test_without_redis_everything_is_served_from_postgres(io_loop, setting
         assert daemon.domain.cache.hits == 0
     finally:
         await daemon.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_concurrent_writes_and_reads_on_two_processes_end_coherent(
+    io_loop, chatd, api, chat_id, settings, database_url
+):
+    import random
+
+    second = Chatd(settings)
+    await second.start()
+    try:
+        apis = [api, Api(f"http://127.0.0.1:{second.port}")]
+        users = [f"s{i}" for i in range(4)]
+        await api.create_chat(chat_id, members=users)
+        rng = random.Random(7)
+        sent: list[dict] = []
+
+        async def writer(user: str):
+            for i in range(12):
+                client = rng.choice(apis)
+                resp = await client.send(chat_id, f"{user}-{i}", user=user)
+                assert resp.status == 201
+                sent.append(resp.json)
+                mine = [m for m in sent if m["sender_id"] == user]
+                pick = rng.choice(mine)
+                if rng.random() < 0.3:
+                    await client.delete(f"/messages/{pick['id']}", user=user)
+                elif rng.random() < 0.5:
+                    await client.patch(f"/messages/{pick['id']}", {"content": "edited"}, user=user)
+
+        async def reader():
+            for _ in range(25):
+                for client in apis:
+                    q = rng.choice(["", "?include_deleted=true", "?limit=7"])
+                    assert (await client.get(f"/chats/{chat_id}/messages{q}")).status == 200
+
+        await asyncio.gather(*(writer(u) for u in users), reader(), reader())
+
+        rows = pg(
+            database_url,
+            "SELECT seq, content, deleted FROM messages WHERE chat_id = %s ORDER BY seq",
+            (chat_id,),
+        )
+        truth_all = [(s, c, d) for s, c, d in rows]
+        truth_visible = [r for r in truth_all if not r[2]]
+        for client in apis:
+            for _ in range(2):  # a fill, then a hit
+                page = (await client.get(f"/chats/{chat_id}/messages?include_deleted=true")).json
+                got = [(m["seq"], m["content"], m["deleted"]) for m in page["messages"]]
+                assert got == truth_all[-50:]
+                page = (await client.get(f"/chats/{chat_id}/messages?limit=10")).json
+                got = [(m["seq"], m["content"], m["deleted"]) for m in page["messages"]]
+                assert got == truth_visible[-10:]
+                assert page["has_more"] is (len(truth_visible) > 10)
+    finally:
+        await second.stop()
