@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import warnings
 
 import jwt
 import orjson
@@ -277,7 +278,9 @@ async def test_bad_history_queries_are_400(api, chat_id, query):
 
 
 def _jwt(payload: dict, key: str = SECRET, alg: str = "HS256", **headers) -> str:
-    return jwt.encode(payload, key, algorithm=alg, headers=headers or None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # short keys for HS384/HS512 on purpose
+        return jwt.encode(payload, key, algorithm=alg, headers=headers or None)
 
 
 def _none_alg(payload: dict) -> str:
@@ -554,3 +557,33 @@ def test_a_cached_token_still_expires():
     with pytest.raises(Unauthorized) as info:
         verifier.verify(tok)
     assert info.value.code == "token_expired"
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_random_socket_payloads_never_make_an_internal_error(chatd, api, chat_id):
+    await api.create_chat(chat_id, visibility="public")
+    payloads: list[tuple[str, object]] = []
+    events = st.sampled_from(["join-chat", "leave-chat", "send-message"])
+    shaped = st.fixed_dictionaries(
+        {"chat_id": st.just(chat_id) | json_values},
+        optional={"content": json_values, "since_seq": json_values, "client_id": json_values},
+    )
+
+    @hsettings(max_examples=120, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(event=events, payload=json_values | shaped)
+    def collect(event, payload):
+        payloads.append((event, payload))
+
+    collect()
+    client = await SocketClient(f"http://127.0.0.1:{chatd.port}").connect()
+    try:
+        for event, payload in payloads:
+            ack = await client.call(event, payload)
+            assert isinstance(ack, dict) and isinstance(ack.get("ok"), bool), (event, payload)
+            if not ack["ok"]:
+                assert ack["error"]["code"] in ("validation_error", "chat_not_found"), (
+                    event, payload, ack
+                )  # fmt: skip
+    finally:
+        await client.close()

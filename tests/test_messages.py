@@ -310,6 +310,7 @@ async def test_deleting_twice_is_204_and_unknown_id_is_404(api, chat_id):
     again = await api.delete(f"/messages/{msg['id']}")
     assert again.status == 204 and again.body == b""
     assert (await api.delete(f"/message/?id={msg['id']}")).status == 204
+    assert (await api.delete(f"/message?id={msg['id']}")).status == 204
     for path in ("/messages/999999999999", "/message/?id=999999999999"):
         resp = await api.delete(path)
         assert resp.status == 404

@@ -336,3 +336,30 @@ async def test_read_marker_moving_forward_emits_read_to_the_room(url, api, chat_
         assert [e["seq"] for e in alice.of("read")] == [2, 3]
     finally:
         await alice.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_socket_may_join_at_most_200_chats(url, api, chat_id, database_url):
+    ids = [f"{chat_id}-{i}" for i in range(201)]
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                """INSERT INTO chats (id, title, visibility, created_by)
+                   SELECT unnest(%s::text[]), 'room', 'public', 'alice'""",
+                (ids,),
+            )
+    finally:
+        conn.close()
+    bob = await connect(url, "bob")
+    try:
+        for cid in ids[:200]:
+            assert (await bob.call("join-chat", cid))["ok"] is True
+        ack = await bob.call("join-chat", ids[200])
+        assert ack["ok"] is False and ack["error"]["code"] == "validation_error"
+        assert (await bob.call("join-chat", ids[0]))["ok"] is True  # already in: fine
+        assert (await bob.call("leave-chat", ids[0]))["ok"] is True
+        assert (await bob.call("join-chat", ids[200]))["ok"] is True
+    finally:
+        await bob.close()
