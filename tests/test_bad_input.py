@@ -587,3 +587,34 @@ async def test_random_socket_payloads_never_make_an_internal_error(chatd, api, c
                 )  # fmt: skip
     finally:
         await client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_socket_strings_with_lone_surrogates_get_an_error_ack(chatd, api, chat_id):
+    """What a JavaScript client sends after cutting a string inside an emoji,
+    written as raw Socket.IO packets (Python clients cannot even encode it)."""
+    from tornado.websocket import websocket_connect
+
+    await api.create_chat(chat_id)
+    ws = await websocket_connect(
+        f"ws://127.0.0.1:{chatd.port}/socket.io/?EIO=4&transport=websocket"
+    )
+    try:
+        assert (await ws.read_message()).startswith("0{")
+        await ws.write_message("40" + orjson.dumps({"token": token("alice")}).decode())
+        assert (await ws.read_message()).startswith("40{")
+        packets = {
+            1: {"chat_id": chat_id, "content": "cut \\ud83d"},
+            2: {"chat_id": chat_id, "content": "ok", "client_id": "\\udc00"},
+            3: {"chat_id": chat_id + "\\ud800", "content": "x"},
+        }
+        for ack_id, payload in packets.items():
+            body = orjson.dumps(["send-message", payload]).decode().replace("\\\\u", "\\u")
+            await ws.write_message(f"42{ack_id}{body}")
+            reply = await asyncio.wait_for(ws.read_message(), 10)
+            assert reply.startswith(f"43{ack_id}["), reply
+            ack = orjson.loads(reply[len(f"43{ack_id}") :])[0]
+            assert ack["ok"] is False and ack["error"]["code"] == "validation_error", ack
+    finally:
+        ws.close()
+    assert (await api.get(f"/chats/{chat_id}/messages")).json["messages"] == []
