@@ -209,6 +209,16 @@ async def test_chunked_body_over_64_kib_is_413(chatd, api, chat_id):
         _chunked(f"/chats/{chat_id}/messages", b'{"content":"chunky"}', token("alice")),
     )
     assert status == 201 and orjson.loads(raw)["content"] == "chunky"
+    # ... but still needs a token.
+    for auth in (None, "garbage"):
+        status, raw = await asyncio.to_thread(
+            _raw_http,
+            chatd.port,
+            _chunked(f"/chats/{chat_id}/messages", b'{"content":"sneaky"}', auth),
+        )
+        assert status == 401 and orjson.loads(raw)["error"]["code"] == "unauthorized"
+    page = (await api.get(f"/chats/{chat_id}/messages")).json
+    assert [m["content"] for m in page["messages"]] == ["chunky"]
 
 
 # -- ids and query parameters ----------------------------------------------------------
