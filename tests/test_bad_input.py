@@ -628,3 +628,48 @@ async def test_socket_strings_with_lone_surrogates_get_an_error_ack(chatd, api, 
     finally:
         ws.close()
     assert (await api.get(f"/chats/{chat_id}/messages")).json["messages"] == []
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_random_path_segments_and_queries_never_make_a_500(api, chat_id):
+    from urllib.parse import quote
+
+    await api.create_chat(chat_id, visibility="public")
+    seen: list[tuple[str, str, object]] = []
+    segment = st.text(min_size=1, max_size=80) | st.sampled_from([chat_id, "1", "0", "-1"])
+    value = st.text(max_size=30) | st.integers().map(str)
+
+    @hsettings(max_examples=150, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(
+        seg=segment,
+        other=segment,
+        q=st.dictionaries(
+            st.sampled_from(["limit", "before_seq", "after_seq", "include_deleted", "id"]),
+            value,
+            max_size=3,
+        ),
+        route=st.integers(0, 8),
+    )
+    def collect(seg, other, q, route):
+        s, o = quote(seg, safe=""), quote(other, safe="")
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in q.items())
+        method, path, body = [
+            ("GET", f"/chats/{s}/messages?{query}", None),
+            ("POST", f"/chats/{s}/messages", {"content": other}),
+            ("GET", f"/chats/{s}", None),
+            ("PUT", f"/chats/{s}/members/{o}", {"role": "member"}),
+            ("DELETE", f"/chats/{s}/members/{o}", None),
+            ("POST", f"/chats/{s}/read", {"seq": 1}),
+            ("DELETE", f"/messages/{s}", None),
+            ("PATCH", f"/messages/{s}", {"content": other}),
+            ("DELETE", f"/message/?{query}", None),
+        ][route]
+        seen.append((method, path, body))
+
+    collect()
+    for method, path, body in seen:
+        resp = await api.request(method, path, body)
+        assert resp.status < 500, (method, path, resp)
+        if resp.status >= 400:
+            assert set(resp.json) == {"error"}, (method, path, resp)
