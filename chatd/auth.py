@@ -94,6 +94,11 @@ class TokenVerifier:
             user_id = str(value)
             if len(user_id) > 128:
                 raise Unauthorized("user id in access token is too long")
+            # The same rule as a user id in a path (validate.user_id): a NUL
+            # cannot even be stored in PostgreSQL, and answering 500 to a
+            # signed but odd token is not an answer.
+            if not user_id.isprintable():
+                raise Unauthorized("user id in access token is not printable")
             return user_id
         raise Unauthorized("access token names no user")
 

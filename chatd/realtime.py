@@ -9,6 +9,7 @@ the handshake (never from the payload), call the domain, answer the ack with
 
 from __future__ import annotations
 
+import json
 import logging
 from urllib.parse import parse_qs
 
@@ -47,7 +48,14 @@ class OrjsonPackets:
 
     @staticmethod
     def loads(text, *args, **kwargs):
-        return orjson.loads(text)
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            # orjson refuses lone UTF-16 surrogates ("\ud800"), which JavaScript
+            # sends happily (a string cut inside an emoji). Unparsed, the event
+            # would get no ack at all; the standard parser takes them, and
+            # validate refuses such a string with a proper error ack.
+            return json.loads(text)
 
 
 def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketio.AsyncServer:

@@ -39,9 +39,21 @@ def user_id(value: object, field: str = "user_id") -> str:
     return value
 
 
+def _unicode(value: str) -> bool:
+    """False for a string with lone surrogates, which cannot be stored or sent
+    as UTF-8 (sockets can deliver them; REST bodies cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def content(value: object, max_length: int) -> str:
     if not isinstance(value, str):
         raise BadRequest("content must be a string")
+    if not _unicode(value):
+        raise BadRequest("content must be valid Unicode (no lone surrogates)")
     text = value.strip()
     if not text:
         raise BadRequest("content must not be empty")
@@ -55,7 +67,13 @@ def content(value: object, max_length: int) -> str:
 def client_id(value: object) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_CLIENT_ID or "\x00" in value:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_CLIENT_ID
+        or "\x00" in value
+        or not _unicode(value)
+    ):
         raise BadRequest(f"client_id must be a string of 1-{MAX_CLIENT_ID} characters")
     return value
 
