@@ -116,6 +116,55 @@ class SQL:
         SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
           FROM m, c"""
 
+    # Group commit: several sends to ONE chat in one statement (one round trip,
+    # one transaction, one fsync). Each input row is kept only if its sender
+    # may post and its client_id is new; the survivors get consecutive seqs
+    # after the chat's last_seq, taken under the chat row's lock by the UPDATE
+    # (which re-reads last_seq after waiting for a concurrent writer, so seq
+    # stays gapless and in commit order). The duplicate check sees the
+    # statement's snapshot; a repeat committed concurrently by another process
+    # still hits messages_client_id, and the caller then sends one by one.
+    SEND_BATCH = f"""
+        WITH input AS (
+            SELECT t.sender_id, t.content, t.client_id, t.ord
+              FROM unnest(%(senders)s::text[], %(contents)s::text[], %(client_ids)s::text[])
+                   WITH ORDINALITY AS t(sender_id, content, client_id, ord)
+        ), chat AS (
+            SELECT id, visibility FROM chats WHERE id = %(chat_id)s
+        ), ok AS (
+            SELECT i.*, row_number() OVER (ORDER BY i.ord) AS n
+              FROM input i, chat c
+             WHERE (c.visibility = 'public'
+                    OR EXISTS (SELECT 1 FROM chat_members cm
+                                WHERE cm.chat_id = c.id AND cm.user_id = i.sender_id))
+               AND (i.client_id IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM messages d
+                                    WHERE d.chat_id = c.id AND d.sender_id = i.sender_id
+                                      AND d.client_id = i.client_id))
+        ), bump AS (
+            UPDATE chats
+               SET last_seq = last_seq + (SELECT count(*) FROM ok), version = version + 1
+             WHERE id = %(chat_id)s AND EXISTS (SELECT 1 FROM ok)
+         RETURNING last_seq, version, visibility
+        ), j AS (
+            INSERT INTO chat_members (chat_id, user_id)
+            SELECT DISTINCT %(chat_id)s, ok.sender_id FROM ok, bump WHERE bump.visibility = 'public'
+            ON CONFLICT DO NOTHING
+        ), m AS (
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
+            SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
+                   ok.sender_id, ok.content, ok.client_id
+              FROM ok, bump
+            RETURNING *
+        )
+        SELECT {MSG_COLS}, bump.version FROM m, bump ORDER BY m.seq"""
+
+    BY_CLIENT_IDS = f"""
+        SELECT {MSG_COLS} FROM messages m
+          JOIN unnest(%(senders)s::text[], %(client_ids)s::text[]) AS k(sender_id, client_id)
+            ON m.sender_id = k.sender_id AND m.client_id = k.client_id
+         WHERE m.chat_id = %(chat_id)s"""
+
     BY_CLIENT_ID = f"""
         SELECT {MSG_COLS} FROM messages m
          WHERE m.chat_id = %(chat_id)s AND m.sender_id = %(user_id)s
@@ -338,6 +387,43 @@ class Storage:
         if row is None:
             return None
         return Sent(row=row[:9], created=True, version=row[9], joined=row[10])
+
+    async def send_batch(
+        self, chat_id: str, items: list[tuple[str, str, str | None]]
+    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple]] | None:
+        """Insert several (sender, content, client_id) into one chat at once.
+
+        Returns (created rows in seq order, new version, originals of repeated
+        client_ids keyed by (sender, client_id)); items in neither were refused
+        (sender may not post, or no such chat). None when a concurrent repeat
+        hit the unique index: the caller falls back to one send per item.
+        """
+        params = {
+            "chat_id": chat_id,
+            "senders": [i[0] for i in items],
+            "contents": [i[1] for i in items],
+            "client_ids": [i[2] for i in items],
+        }
+        try:
+            rows = await self._all(SQL.SEND_BATCH, params)
+        except psycopg2.errors.UniqueViolation:
+            return None
+        created = [r[:9] for r in rows]
+        version = rows[0][9] if rows else 0
+        originals: dict[tuple[str, str], tuple] = {}
+        made = {(r[3], r[5]) for r in created if r[5] is not None}
+        wanted = [(s, c) for s, _, c in items if c is not None and (s, c) not in made]
+        if wanted:
+            found = await self._all(
+                SQL.BY_CLIENT_IDS,
+                {
+                    "chat_id": chat_id,
+                    "senders": [w[0] for w in wanted],
+                    "client_ids": [w[1] for w in wanted],
+                },
+            )
+            originals = {(r[3], r[5]): r for r in found}
+        return created, version, originals
 
     async def history(
         self,
