@@ -58,18 +58,42 @@ def is_tombstone(raw: bytes) -> bool:
     return raw.endswith(_TOMBSTONE_TAIL)
 
 
-@dataclass(slots=True)
 class Page:
-    rows: list[bytes]  # message JSON, ascending by seq
-    has_more: bool
+    """A page of messages as JSON: the rows already serialised, or (from the
+    cache) already joined by commas."""
+
+    __slots__ = ("_joined", "_rows", "has_more")
+
+    def __init__(self, rows: list[bytes], has_more: bool):
+        self._rows: list[bytes] | None = rows
+        self._joined: bytes | None = None
+        self.has_more = has_more
+
+    @classmethod
+    def joined(cls, joined: bytes, has_more: bool) -> Page:
+        page = cls([], has_more)
+        page._rows, page._joined = None, joined
+        return page
+
+    @property
+    def rows(self) -> list[bytes]:
+        if self._rows is None:
+            self._rows = [] if not self._joined else orjson_split(self._joined)
+        return self._rows
 
     def json(self) -> bytes:
         more = b"true" if self.has_more else b"false"
-        return b'{"messages":[' + b",".join(self.rows) + b'],"has_more":' + more + b"}"
+        body = self._joined if self._joined is not None else b",".join(self._rows or ())
+        return b'{"messages":[' + body + b'],"has_more":' + more + b"}"
 
     def fragments(self) -> list[orjson.Fragment]:
         """The rows for embedding in a larger orjson document (socket acks)."""
         return [orjson.Fragment(r) for r in self.rows]
+
+
+def orjson_split(joined: bytes) -> list[bytes]:
+    """Comma-joined message objects back into one bytes each (rare path)."""
+    return [orjson.dumps(m) for m in orjson.loads(b"[" + joined + b"]")]
 
 
 @dataclass(slots=True)
@@ -302,13 +326,14 @@ class ChatService:
     ) -> Page | None:
         """The newest page from the cache (or refilled from one snapshot), or None
         when the cached window cannot answer it (too many tombstones)."""
-        want = limit + 1 if include_deleted else self.cache.rows
         access, cached = await asyncio.gather(
-            self.readable(user_id, chat_id), self.cache.read(chat_id, want)
+            self.readable(user_id, chat_id), self.cache.read(chat_id, limit, include_deleted)
         )
         if cached is not None and cached.version == access.version:
             self.cache.hits += 1
-            return _window_page(cached.rows, cached.complete, limit, include_deleted)
+            if cached.joined is None:
+                return None
+            return Page.joined(cached.joined, cached.has_more)
         self.cache.misses += 1
         filled = await self.storage.cache_fill(chat_id, self.cache.rows)
         if filled is None:

@@ -4,7 +4,9 @@ API and Socket.IO on one port, and an orderly stop on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -166,6 +168,17 @@ def check_schema(settings: config.Settings) -> None:
         )
 
 
+def tune_gc() -> None:
+    """Once start-up is done: move everything alive now (modules, the app, the
+    pools) out of the collector's sight, and collect the young generation less
+    often. Chat traffic makes many short-lived objects; with the defaults the
+    full collections that walk every long-lived object showed as ~50 ms pauses
+    under fanout load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def serve(settings: config.Settings) -> None:
     daemon = Chatd(settings)
     stop = asyncio.Event()
@@ -174,11 +187,26 @@ async def serve(settings: config.Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await daemon.start()
+        tune_gc()
         await stop.wait()
         log.info("stopping")
     finally:
         await daemon.stop()
     log.info("stopped")
+
+
+def run(coro) -> None:
+    """Run on uvloop when it is installed (a faster event loop under Tornado,
+    which runs on any asyncio loop); CHATD_UVLOOP=0 keeps asyncio's own."""
+    if os.environ.get("CHATD_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if settings.database_url is not None:
             check_schema(settings)
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except config.ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
