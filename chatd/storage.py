@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -76,6 +77,31 @@ class Sent:
     created: bool
     version: int = 0
     joined: bool = False  # the send made the poster a member (public chat)
+
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class Stmt:
+    """A query that is PREPAREd once per connection and then EXECUTEd by name:
+    PostgreSQL parses and plans it once, and each call sends a few bytes
+    instead of the whole text. Written with %(name)s placeholders like any
+    other query; they become $1..$n in first-use order."""
+
+    def __init__(self, name: str, sql: str):
+        self.name = name
+        self.sql = sql
+        self.order: list[str] = []
+        for key in _PLACEHOLDER.findall(sql):
+            if key not in self.order:
+                self.order.append(key)
+        positional = _PLACEHOLDER.sub(lambda m: f"${self.order.index(m.group(1)) + 1}", sql)
+        self.prepare = f"PREPARE {name} AS {positional}"
+        args = ", ".join(["%s"] * len(self.order))
+        self.execute = f"EXECUTE {name} ({args})" if self.order else f"EXECUTE {name}"
+
+    def args(self, params: dict) -> list:
+        return [params[key] for key in self.order]
 
 
 class SQL:
@@ -295,6 +321,39 @@ class SQL:
         RETURNING cm.last_read_seq"""
 
 
+def _history_variants() -> dict[tuple[str, bool], Stmt]:
+    out = {}
+    for kind, sql in (("newest", SQL.NEWEST), ("before", SQL.BEFORE), ("after", SQL.AFTER)):
+        for include in (False, True):
+            text = sql.format(deleted="" if include else "AND NOT m.deleted")
+            out[(kind, include)] = Stmt(f"chatd_{kind}_{'all' if include else 'visible'}", text)
+    return out
+
+
+class Q:
+    """The hot queries, prepared on every pooled connection (see Stmt)."""
+
+    ACCESS = Stmt("chatd_access", SQL.ACCESS)
+    SEND = Stmt("chatd_send", SQL.SEND)
+    SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
+    BY_CLIENT_ID = Stmt("chatd_by_client_id", SQL.BY_CLIENT_ID)
+    CACHE_FILL = Stmt("chatd_cache_fill", SQL.CACHE_FILL)
+    LATEST = Stmt("chatd_latest", SQL.LATEST)
+    MESSAGE_ACCESS = Stmt("chatd_message_access", SQL.MESSAGE_ACCESS)
+    HISTORY = _history_variants()
+
+    @classmethod
+    def all(cls) -> list[Stmt]:
+        found = [v for v in vars(cls).values() if isinstance(v, Stmt)]
+        return found + list(cls.HISTORY.values())
+
+
+async def _prepare(conn) -> None:
+    """aiopg on_connect: PREPARE the hot queries, all in one round trip."""
+    async with conn.cursor() as cur:
+        await cur.execute(";\n".join(stmt.prepare for stmt in Q.all()))
+
+
 class Storage:
     def __init__(self, pool: aiopg.Pool, timeout: float):
         self._pool = pool
@@ -314,6 +373,7 @@ class Storage:
                 enable_hstore=False,
                 enable_uuid=False,
                 application_name="chatd",
+                on_connect=_prepare,
             )
         except _UNAVAILABLE as exc:
             raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
@@ -350,14 +410,20 @@ class Storage:
                 conn.close()  # a query cancelled mid-flight: do not reuse
             self._pool.release(conn)
 
-    async def _one(self, sql: str, params: dict) -> tuple | None:
+    async def _one(self, sql: str | Stmt, params: dict) -> tuple | None:
         async with self._cursor() as cur:
-            await cur.execute(sql, params)
+            if isinstance(sql, Stmt):
+                await cur.execute(sql.execute, sql.args(params))
+            else:
+                await cur.execute(sql, params)
             return await cur.fetchone()
 
-    async def _all(self, sql: str, params: dict) -> list[tuple]:
+    async def _all(self, sql: str | Stmt, params: dict) -> list[tuple]:
         async with self._cursor() as cur:
-            await cur.execute(sql, params)
+            if isinstance(sql, Stmt):
+                await cur.execute(sql.execute, sql.args(params))
+            else:
+                await cur.execute(sql, params)
             return await cur.fetchall()
 
     # -- queries ----------------------------------------------------------------
@@ -366,7 +432,7 @@ class Storage:
         await self._one("SELECT 1", {})
 
     async def access(self, chat_id: str, user_id: str) -> Access | None:
-        row = await self._one(SQL.ACCESS, {"chat_id": chat_id, "user_id": user_id})
+        row = await self._one(Q.ACCESS, {"chat_id": chat_id, "user_id": user_id})
         return Access(*row) if row else None
 
     async def send(
@@ -376,11 +442,11 @@ class Storage:
         params = {"chat_id": chat_id, "user_id": user_id, "content": content,
                   "client_id": client_id}  # fmt: skip
         try:
-            row = await self._one(SQL.SEND, params)
+            row = await self._one(Q.SEND, params)
         except psycopg2.errors.UniqueViolation:
             if client_id is None:
                 raise
-            original = await self._one(SQL.BY_CLIENT_ID, params)
+            original = await self._one(Q.BY_CLIENT_ID, params)
             if original is None:  # pragma: no cover - the index just said it exists
                 raise
             return Sent(row=original, created=False)
@@ -405,7 +471,7 @@ class Storage:
             "client_ids": [i[2] for i in items],
         }
         try:
-            rows = await self._all(SQL.SEND_BATCH, params)
+            rows = await self._all(Q.SEND_BATCH, params)
         except psycopg2.errors.UniqueViolation:
             return None
         created = [r[:9] for r in rows]
@@ -435,30 +501,29 @@ class Storage:
         include_deleted: bool = False,
     ) -> list[tuple]:
         """Up to ``limit`` rows, newest-first for newest/before pages, oldest-first for after."""
-        deleted = "" if include_deleted else "AND NOT m.deleted"
         if after_seq is not None:
-            sql, seq = SQL.AFTER, after_seq
+            kind, seq = "after", after_seq
         elif before_seq is not None:
-            sql, seq = SQL.BEFORE, before_seq
+            kind, seq = "before", before_seq
         else:
-            sql, seq = SQL.NEWEST, None
+            kind, seq = "newest", None
         return await self._all(
-            sql.format(deleted=deleted), {"chat_id": chat_id, "seq": seq, "limit": limit}
+            Q.HISTORY[(kind, include_deleted)], {"chat_id": chat_id, "seq": seq, "limit": limit}
         )
 
     async def cache_fill(self, chat_id: str, limit: int) -> tuple[int, int, list[tuple]] | None:
         """(version, last_seq, newest rows newest-first) from one snapshot; None: no chat."""
-        rows = await self._all(SQL.CACHE_FILL, {"chat_id": chat_id, "limit": limit})
+        rows = await self._all(Q.CACHE_FILL, {"chat_id": chat_id, "limit": limit})
         if not rows:
             return None
         version, last_seq = rows[0][0], rows[0][1]
         return version, last_seq, [r[2:] for r in rows if r[2] is not None]
 
     async def latest(self, chat_id: str) -> tuple | None:
-        return await self._one(SQL.LATEST, {"chat_id": chat_id})
+        return await self._one(Q.LATEST, {"chat_id": chat_id})
 
     async def message_access(self, message_id: int, user_id: str) -> MessageAccess | None:
-        row = await self._one(SQL.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
+        row = await self._one(Q.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
         return MessageAccess(*row) if row else None
 
     async def delete_message(self, message_id: int) -> tuple[tuple, int] | None:
