@@ -13,9 +13,11 @@ import sys
 
 import socketio
 import tornado.httpserver
+import tornado.iostream
 import tornado.web
+import tornado.websocket
 
-from . import cache, config, migrations, realtime, web
+from . import cache, config, delivery, migrations, realtime, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -58,11 +60,11 @@ class Chatd:
         else:
             log.warning("no REDIS_URL/REDIS_HOST: no page cache, and one process only")
         page_cache = cache.PageCache(self.redis, s.redis_prefix, s.cache_rows, s.cache_ttl)
-        manager = None
+        manager = delivery.LocalManager()
         if s.redis_url:
             # Emits go through Redis to every chatd process sharing it, so a
             # room's sockets get an event wherever they are connected.
-            manager = socketio.AsyncRedisManager(
+            manager = delivery.RedisManager(
                 s.redis_url,
                 channel=s.socketio_channel,
                 json=realtime.OrjsonPackets,
@@ -112,6 +114,21 @@ class Chatd:
                 # permessage-deflate keeps a zlib stream per connection (~150 KB
                 # each) and costs CPU on every frame; off unless WS_COMPRESSION.
                 return {} if compression else None
+
+            def write_message(self, message, binary=False):
+                # Tornado wraps every frame in a Task only to translate the
+                # error of a future that engine.io never awaits: one Task per
+                # socket per event under fanout. Frame and write directly; a
+                # write to a closed stream still raises WebSocketClosedError.
+                conn = self.ws_connection
+                if conn is None or conn.is_closing() or conn._compressor is not None:
+                    return super().write_message(message, binary)
+                data = message.encode() if isinstance(message, str) else message
+                conn._message_bytes_out += len(data)
+                try:
+                    return conn._write_frame(True, 0x2 if binary else 0x1, data)
+                except tornado.iostream.StreamClosedError:
+                    raise tornado.websocket.WebSocketClosedError() from None
 
         return SocketHandler
 
