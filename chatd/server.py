@@ -39,8 +39,9 @@ def setup_logging(settings: config.Settings) -> None:
 class Chatd:
     """One chatd process: start() binds and serves, stop() drains and closes."""
 
-    def __init__(self, settings: config.Settings):
+    def __init__(self, settings: config.Settings, sockets: list | None = None):
         self.settings = settings
+        self._sockets = sockets  # bound already (CHATD_WORKERS): accept on these
         self.storage: Storage | None = None
         self.redis = None
         self.sio: socketio.AsyncServer | None = None
@@ -99,7 +100,7 @@ class Chatd:
             max_body_size=1024 * 1024,
             idle_connection_timeout=75,
         )
-        sockets = tornado.netutil.bind_sockets(s.port, s.host or None, family=socket.AF_UNSPEC)
+        sockets = self._sockets or bind(s)
         self.http.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         scheme = "https" if s.tls else "http"
@@ -176,6 +177,12 @@ class Chatd:
             await self.redis.aclose()
 
 
+def bind(settings: config.Settings) -> list:
+    return tornado.netutil.bind_sockets(
+        settings.port, settings.host or None, family=socket.AF_UNSPEC
+    )
+
+
 def check_schema(settings: config.Settings) -> None:
     pend = migrations.pending(settings.database_url)
     if pend:
@@ -196,8 +203,8 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def serve(settings: config.Settings) -> None:
-    daemon = Chatd(settings)
+async def serve(settings: config.Settings, sockets: list | None = None) -> None:
+    daemon = Chatd(settings, sockets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -236,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if settings.database_url is not None:
             check_schema(settings)
+        if settings.workers > 1:
+            from .workers import supervise
+
+            sockets = bind(settings)
+            sys.exit(supervise(settings.workers, sockets, lambda: run(serve(settings, sockets))))
         run(serve(settings))
     except config.ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
