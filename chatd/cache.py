@@ -38,12 +38,36 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("chatd.cache")
 
-# Reply: nil on a miss, else {version, complete, total_len, rows}.
+# The newest page, built in Redis. ARGV: limit, include_deleted (0|1).
+# Walks the window from the newest row, keeps up to limit + 1 rows (skipping
+# tombstones unless asked for them: orjson writes "deleted" last and escapes
+# every quote inside strings, so this suffix marks a tombstone and nothing
+# else), and returns them joined with commas, ready to go between [ and ].
+# Reply: false on a miss; {version, -1} when the window cannot answer (too
+# many tombstones in it and older messages exist); else {version, has_more, rows}.
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'version', 'complete')
 if not m[1] then return false end
-local rows = redis.call('LRANGE', KEYS[2], -tonumber(ARGV[1]), -1)
-return {m[1], m[2], redis.call('LLEN', KEYS[2]), rows}
+local rows = redis.call('LRANGE', KEYS[2], 0, -1)
+local limit = tonumber(ARGV[1])
+local all = ARGV[2] == '1'
+local picked = {}
+local i = #rows
+while i >= 1 and #picked <= limit do
+  local r = rows[i]
+  if all or string.sub(r, -15) ~= '"deleted":true}' then picked[#picked + 1] = r end
+  i = i - 1
+end
+local more = 0
+if #picked > limit then
+  more = 1
+  picked[#picked] = nil
+elseif m[2] ~= '1' then
+  return {m[1], -1}
+end
+local n = #picked
+for k = 1, math.floor(n / 2) do picked[k], picked[n - k + 1] = picked[n - k + 1], picked[k] end
+return {m[1], more, table.concat(picked, ',')}
 """
 
 # ARGV: version, last_seq, complete (0|1), ttl, rows... (ascending).
@@ -102,8 +126,8 @@ return 1
 @dataclass(slots=True)
 class CachedPage:
     version: int
-    complete: bool  # the rows are every message of the chat
-    rows: list[bytes]  # ascending by seq
+    joined: bytes | None  # the page's messages joined by commas; None: not answerable
+    has_more: bool
 
 
 class PageCache:
@@ -136,18 +160,22 @@ class PageCache:
             log.warning("redis %s failed (%s); serving from PostgreSQL", what, exc)
         self._down_until = time.monotonic() + 1.0
 
-    async def read(self, chat_id: str, n: int) -> CachedPage | None:
+    async def read(self, chat_id: str, limit: int, include_deleted: bool) -> CachedPage | None:
+        """The newest page as the cache has it (check its version!), or None."""
         if not self.enabled:
             return None
         try:
-            reply = await self._read(keys=self._keys(chat_id), args=[n])
+            reply = await self._read(
+                keys=self._keys(chat_id), args=[limit, 1 if include_deleted else 0]
+            )
         except (RedisError, OSError) as exc:
             self._failed("cache read", exc)
             return None
         if not reply:
             return None
-        version, complete, total, rows = reply
-        return CachedPage(int(version), complete == b"1" and len(rows) == total, rows)
+        if reply[1] == -1:
+            return CachedPage(int(reply[0]), None, False)
+        return CachedPage(int(reply[0]), reply[2], reply[1] == 1)
 
     async def fill(self, chat_id: str, version: int, last_seq: int, complete: bool,
                    rows: list[bytes]) -> None:  # fmt: skip

@@ -48,6 +48,7 @@ class Settings:
     cache_ttl: int = 3600
     shutdown_timeout: float = 10.0
     ws_compression: bool = False
+    workers: int = 1
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -252,6 +253,10 @@ def load(
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {level.lower()!r}")
 
+    workers = env.int("CHATD_WORKERS", 1, 0, 256) or (os.cpu_count() or 1)
+    if workers > 1 and redis_url is None:
+        raise ConfigError("CHATD_WORKERS above 1 needs Redis (REDIS_URL) to join the workers")
+
     prefix = env.get("CHATD_REDIS_PREFIX") or f"chatd:{database_name(database_url)}"
     return Settings(
         access_token_secret=secret,
@@ -279,5 +284,6 @@ def load(
         cache_ttl=env.int("CACHE_TTL", 3600, 1, 30 * 86400),
         shutdown_timeout=env.float("SHUTDOWN_TIMEOUT", 10.0, 0.0, 3600.0),
         ws_compression=env.bool("WS_COMPRESSION", False),
+        workers=workers,
         extra={"refresh_token_secret_set": env.get("REFRESH_TOKEN_SECRET") is not None},
     )

@@ -44,6 +44,9 @@ MAX_PAGE = 200
 # pages on with GET .../messages?after_seq=.
 MAX_MISSED = 500
 PRIVILEGED = ("owner", "admin")
+# Group commit: most sends one chat transaction carries. 100-row transactions
+# reach ~126,000 rows/s on this PostgreSQL against ~2,200/s for one row each.
+MAX_BATCH = 100
 
 dumps = orjson.dumps
 # orjson writes the keys in model.MESSAGE_KEYS order with no spaces and escapes
@@ -55,18 +58,42 @@ def is_tombstone(raw: bytes) -> bool:
     return raw.endswith(_TOMBSTONE_TAIL)
 
 
-@dataclass(slots=True)
 class Page:
-    rows: list[bytes]  # message JSON, ascending by seq
-    has_more: bool
+    """A page of messages as JSON: the rows already serialised, or (from the
+    cache) already joined by commas."""
+
+    __slots__ = ("_joined", "_rows", "has_more")
+
+    def __init__(self, rows: list[bytes], has_more: bool):
+        self._rows: list[bytes] | None = rows
+        self._joined: bytes | None = None
+        self.has_more = has_more
+
+    @classmethod
+    def joined(cls, joined: bytes, has_more: bool) -> Page:
+        page = cls([], has_more)
+        page._rows, page._joined = None, joined
+        return page
+
+    @property
+    def rows(self) -> list[bytes]:
+        if self._rows is None:
+            self._rows = [] if not self._joined else orjson_split(self._joined)
+        return self._rows
 
     def json(self) -> bytes:
         more = b"true" if self.has_more else b"false"
-        return b'{"messages":[' + b",".join(self.rows) + b'],"has_more":' + more + b"}"
+        body = self._joined if self._joined is not None else b",".join(self._rows or ())
+        return b'{"messages":[' + body + b'],"has_more":' + more + b"}"
 
     def fragments(self) -> list[orjson.Fragment]:
         """The rows for embedding in a larger orjson document (socket acks)."""
         return [orjson.Fragment(r) for r in self.rows]
+
+
+def orjson_split(joined: bytes) -> list[bytes]:
+    """Comma-joined message objects back into one bytes each (rare path)."""
+    return [orjson.dumps(m) for m in orjson.loads(b"[" + joined + b"]")]
 
 
 @dataclass(slots=True)
@@ -74,6 +101,49 @@ class Posted:
     message: dict
     raw: bytes
     created: bool  # False: a repeat of an earlier client_id
+
+
+@dataclass(slots=True)
+class _Queued:
+    user_id: str
+    text: str
+    client_id: str | None
+    future: asyncio.Future
+
+
+def _resolve(future: asyncio.Future, result: object) -> None:
+    if not future.done():  # the waiter may have been cancelled (client gone)
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+async def _settle(future: asyncio.Future, coro) -> None:
+    try:
+        result = await coro
+    except Exception as exc:
+        _fail(future, exc)
+    else:
+        _resolve(future, result)
+
+
+def _settle_as_repeat(first: asyncio.Future, repeat: asyncio.Future) -> None:
+    def copy(done: asyncio.Future) -> None:
+        if done.cancelled():
+            _fail(repeat, asyncio.CancelledError())
+        elif done.exception() is not None:
+            _fail(repeat, done.exception())
+        else:
+            posted = done.result()
+            _resolve(repeat, Posted(posted.message, posted.raw, False))
+
+    if first.done():
+        copy(first)
+    else:
+        first.add_done_callback(copy)
 
 
 @dataclass(slots=True)
@@ -95,6 +165,8 @@ class ChatService:
         self.events: Events = events or NullEvents()
         self.max_message_length = max_message_length
         self._background: set[asyncio.Task] = set()
+        # chat id -> sends queued behind the transaction in flight (group commit)
+        self._lanes: dict[str, list[_Queued]] = {}
 
     # -- access ---------------------------------------------------------------
 
@@ -110,9 +182,33 @@ class ChatService:
     async def send(
         self, user_id: str, chat_id: object, content: object, client_id: object = None
     ) -> Posted:
+        """Post a message; answered once it is committed (201), or with the
+        original for a repeated client_id (200).
+
+        Group commit: while one transaction for a chat is in flight in this
+        process, further sends to that chat queue in its lane and go together
+        in the next one (one statement, one fsync for up to MAX_BATCH
+        messages). An uncontended send takes the single-statement path at
+        once, so batching adds no latency when there is nothing to batch.
+        """
         chat_id = validate.chat_id(chat_id)
         text = validate.content(content, self.max_message_length)
         cid = validate.client_id(client_id)
+        lane = self._lanes.get(chat_id)
+        if lane is not None:
+            future = asyncio.get_running_loop().create_future()
+            lane.append(_Queued(user_id, text, cid, future))
+            return await future
+        self._lanes[chat_id] = lane = []
+        try:
+            return await self._send_one(chat_id, user_id, text, cid)
+        finally:
+            if lane:
+                self._spawn(self._drain(chat_id, lane))
+            else:
+                del self._lanes[chat_id]
+
+    async def _send_one(self, chat_id: str, user_id: str, text: str, cid: str | None) -> Posted:
         sent = await self.storage.send(chat_id, user_id, text, cid)
         if sent is None:
             raise chat_not_found()
@@ -124,6 +220,68 @@ class ChatService:
             await self.cache.appended(chat_id, sent.version, message["seq"], [raw])
             await self.events.message_created(message, raw)
         return Posted(message, raw, sent.created)
+
+    async def _drain(self, chat_id: str, lane: list[_Queued]) -> None:
+        """Commit a lane's queued sends in batches until it is empty."""
+        try:
+            while lane:
+                batch = lane[:MAX_BATCH]
+                del lane[:MAX_BATCH]
+                try:
+                    await self._send_batch(chat_id, batch)
+                except Exception as exc:  # each waiting sender gets the failure
+                    for q in batch:
+                        _fail(q.future, exc)
+        finally:
+            del self._lanes[chat_id]
+
+    async def _send_batch(self, chat_id: str, batch: list[_Queued]) -> None:
+        if len(batch) == 1:
+            q = batch[0]
+            await _settle(q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id))
+            return
+        # The same (sender, client_id) twice in one batch: the first is sent,
+        # the repeat is answered like any repeat (200, the same message).
+        items: list[_Queued] = []
+        repeats: list[tuple[_Queued, _Queued]] = []
+        firsts: dict[tuple[str, str], _Queued] = {}
+        for q in batch:
+            if q.client_id is not None:
+                key = (q.user_id, q.client_id)
+                if key in firsts:
+                    repeats.append((q, firsts[key]))
+                    continue
+                firsts[key] = q
+            items.append(q)
+        result = await self.storage.send_batch(
+            chat_id, [(q.user_id, q.text, q.client_id) for q in items]
+        )
+        if result is None:  # a repeat committed concurrently elsewhere: one by one
+            for q in items:
+                await _settle(q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id))
+        else:
+            created, version, originals = result
+            messages = [model.message(r) for r in created]
+            raws = [dumps(m) for m in messages]
+            if created:
+                await self.cache.appended(chat_id, version, messages[0]["seq"], raws)
+                for message, raw in zip(messages, raws, strict=True):
+                    await self.events.message_created(message, raw)
+            # Created rows come back in input order (seq follows ordinality),
+            # so one walk pairs each item with its row, its original or a refusal.
+            i = 0
+            for q in items:
+                row = created[i] if i < len(created) else None
+                if row is not None and (row[3], row[4], row[5]) == (q.user_id, q.text, q.client_id):
+                    _resolve(q.future, Posted(messages[i], raws[i], True))
+                    i += 1
+                elif q.client_id is not None and (q.user_id, q.client_id) in originals:
+                    message = model.message(originals[(q.user_id, q.client_id)])
+                    _resolve(q.future, Posted(message, dumps(message), False))
+                else:
+                    _fail(q.future, chat_not_found())
+        for repeat, first in repeats:
+            _settle_as_repeat(first.future, repeat.future)
 
     async def history(
         self,
@@ -168,13 +326,14 @@ class ChatService:
     ) -> Page | None:
         """The newest page from the cache (or refilled from one snapshot), or None
         when the cached window cannot answer it (too many tombstones)."""
-        want = limit + 1 if include_deleted else self.cache.rows
         access, cached = await asyncio.gather(
-            self.readable(user_id, chat_id), self.cache.read(chat_id, want)
+            self.readable(user_id, chat_id), self.cache.read(chat_id, limit, include_deleted)
         )
         if cached is not None and cached.version == access.version:
             self.cache.hits += 1
-            return _window_page(cached.rows, cached.complete, limit, include_deleted)
+            if cached.joined is None:
+                return None
+            return Page.joined(cached.joined, cached.has_more)
         self.cache.misses += 1
         filled = await self.storage.cache_fill(chat_id, self.cache.rows)
         if filled is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -78,6 +79,31 @@ class Sent:
     joined: bool = False  # the send made the poster a member (public chat)
 
 
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+class Stmt:
+    """A query that is PREPAREd once per connection and then EXECUTEd by name:
+    PostgreSQL parses and plans it once, and each call sends a few bytes
+    instead of the whole text. Written with %(name)s placeholders like any
+    other query; they become $1..$n in first-use order."""
+
+    def __init__(self, name: str, sql: str):
+        self.name = name
+        self.sql = sql
+        self.order: list[str] = []
+        for key in _PLACEHOLDER.findall(sql):
+            if key not in self.order:
+                self.order.append(key)
+        positional = _PLACEHOLDER.sub(lambda m: f"${self.order.index(m.group(1)) + 1}", sql)
+        self.prepare = f"PREPARE {name} AS {positional}"
+        args = ", ".join(["%s"] * len(self.order))
+        self.execute = f"EXECUTE {name} ({args})" if self.order else f"EXECUTE {name}"
+
+    def args(self, params: dict) -> list:
+        return [params[key] for key in self.order]
+
+
 class SQL:
     # Access check: one indexed lookup on each table. Returns the chat even when
     # the caller is not a member, so "no such chat" and "not a member of a
@@ -115,6 +141,55 @@ class SQL:
         )
         SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
           FROM m, c"""
+
+    # Group commit: several sends to ONE chat in one statement (one round trip,
+    # one transaction, one fsync). Each input row is kept only if its sender
+    # may post and its client_id is new; the survivors get consecutive seqs
+    # after the chat's last_seq, taken under the chat row's lock by the UPDATE
+    # (which re-reads last_seq after waiting for a concurrent writer, so seq
+    # stays gapless and in commit order). The duplicate check sees the
+    # statement's snapshot; a repeat committed concurrently by another process
+    # still hits messages_client_id, and the caller then sends one by one.
+    SEND_BATCH = f"""
+        WITH input AS (
+            SELECT t.sender_id, t.content, t.client_id, t.ord
+              FROM unnest(%(senders)s::text[], %(contents)s::text[], %(client_ids)s::text[])
+                   WITH ORDINALITY AS t(sender_id, content, client_id, ord)
+        ), chat AS (
+            SELECT id, visibility FROM chats WHERE id = %(chat_id)s
+        ), ok AS (
+            SELECT i.*, row_number() OVER (ORDER BY i.ord) AS n
+              FROM input i, chat c
+             WHERE (c.visibility = 'public'
+                    OR EXISTS (SELECT 1 FROM chat_members cm
+                                WHERE cm.chat_id = c.id AND cm.user_id = i.sender_id))
+               AND (i.client_id IS NULL
+                    OR NOT EXISTS (SELECT 1 FROM messages d
+                                    WHERE d.chat_id = c.id AND d.sender_id = i.sender_id
+                                      AND d.client_id = i.client_id))
+        ), bump AS (
+            UPDATE chats
+               SET last_seq = last_seq + (SELECT count(*) FROM ok), version = version + 1
+             WHERE id = %(chat_id)s AND EXISTS (SELECT 1 FROM ok)
+         RETURNING last_seq, version, visibility
+        ), j AS (
+            INSERT INTO chat_members (chat_id, user_id)
+            SELECT DISTINCT %(chat_id)s, ok.sender_id FROM ok, bump WHERE bump.visibility = 'public'
+            ON CONFLICT DO NOTHING
+        ), m AS (
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
+            SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
+                   ok.sender_id, ok.content, ok.client_id
+              FROM ok, bump
+            RETURNING *
+        )
+        SELECT {MSG_COLS}, bump.version FROM m, bump ORDER BY m.seq"""
+
+    BY_CLIENT_IDS = f"""
+        SELECT {MSG_COLS} FROM messages m
+          JOIN unnest(%(senders)s::text[], %(client_ids)s::text[]) AS k(sender_id, client_id)
+            ON m.sender_id = k.sender_id AND m.client_id = k.client_id
+         WHERE m.chat_id = %(chat_id)s"""
 
     BY_CLIENT_ID = f"""
         SELECT {MSG_COLS} FROM messages m
@@ -246,6 +321,39 @@ class SQL:
         RETURNING cm.last_read_seq"""
 
 
+def _history_variants() -> dict[tuple[str, bool], Stmt]:
+    out = {}
+    for kind, sql in (("newest", SQL.NEWEST), ("before", SQL.BEFORE), ("after", SQL.AFTER)):
+        for include in (False, True):
+            text = sql.format(deleted="" if include else "AND NOT m.deleted")
+            out[(kind, include)] = Stmt(f"chatd_{kind}_{'all' if include else 'visible'}", text)
+    return out
+
+
+class Q:
+    """The hot queries, prepared on every pooled connection (see Stmt)."""
+
+    ACCESS = Stmt("chatd_access", SQL.ACCESS)
+    SEND = Stmt("chatd_send", SQL.SEND)
+    SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
+    BY_CLIENT_ID = Stmt("chatd_by_client_id", SQL.BY_CLIENT_ID)
+    CACHE_FILL = Stmt("chatd_cache_fill", SQL.CACHE_FILL)
+    LATEST = Stmt("chatd_latest", SQL.LATEST)
+    MESSAGE_ACCESS = Stmt("chatd_message_access", SQL.MESSAGE_ACCESS)
+    HISTORY = _history_variants()
+
+    @classmethod
+    def all(cls) -> list[Stmt]:
+        found = [v for v in vars(cls).values() if isinstance(v, Stmt)]
+        return found + list(cls.HISTORY.values())
+
+
+async def _prepare(conn) -> None:
+    """aiopg on_connect: PREPARE the hot queries, all in one round trip."""
+    async with conn.cursor() as cur:
+        await cur.execute(";\n".join(stmt.prepare for stmt in Q.all()))
+
+
 class Storage:
     def __init__(self, pool: aiopg.Pool, timeout: float):
         self._pool = pool
@@ -265,6 +373,7 @@ class Storage:
                 enable_hstore=False,
                 enable_uuid=False,
                 application_name="chatd",
+                on_connect=_prepare,
             )
         except _UNAVAILABLE as exc:
             raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
@@ -301,14 +410,20 @@ class Storage:
                 conn.close()  # a query cancelled mid-flight: do not reuse
             self._pool.release(conn)
 
-    async def _one(self, sql: str, params: dict) -> tuple | None:
+    async def _one(self, sql: str | Stmt, params: dict) -> tuple | None:
         async with self._cursor() as cur:
-            await cur.execute(sql, params)
+            if isinstance(sql, Stmt):
+                await cur.execute(sql.execute, sql.args(params))
+            else:
+                await cur.execute(sql, params)
             return await cur.fetchone()
 
-    async def _all(self, sql: str, params: dict) -> list[tuple]:
+    async def _all(self, sql: str | Stmt, params: dict) -> list[tuple]:
         async with self._cursor() as cur:
-            await cur.execute(sql, params)
+            if isinstance(sql, Stmt):
+                await cur.execute(sql.execute, sql.args(params))
+            else:
+                await cur.execute(sql, params)
             return await cur.fetchall()
 
     # -- queries ----------------------------------------------------------------
@@ -317,7 +432,7 @@ class Storage:
         await self._one("SELECT 1", {})
 
     async def access(self, chat_id: str, user_id: str) -> Access | None:
-        row = await self._one(SQL.ACCESS, {"chat_id": chat_id, "user_id": user_id})
+        row = await self._one(Q.ACCESS, {"chat_id": chat_id, "user_id": user_id})
         return Access(*row) if row else None
 
     async def send(
@@ -327,17 +442,54 @@ class Storage:
         params = {"chat_id": chat_id, "user_id": user_id, "content": content,
                   "client_id": client_id}  # fmt: skip
         try:
-            row = await self._one(SQL.SEND, params)
+            row = await self._one(Q.SEND, params)
         except psycopg2.errors.UniqueViolation:
             if client_id is None:
                 raise
-            original = await self._one(SQL.BY_CLIENT_ID, params)
+            original = await self._one(Q.BY_CLIENT_ID, params)
             if original is None:  # pragma: no cover - the index just said it exists
                 raise
             return Sent(row=original, created=False)
         if row is None:
             return None
         return Sent(row=row[:9], created=True, version=row[9], joined=row[10])
+
+    async def send_batch(
+        self, chat_id: str, items: list[tuple[str, str, str | None]]
+    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple]] | None:
+        """Insert several (sender, content, client_id) into one chat at once.
+
+        Returns (created rows in seq order, new version, originals of repeated
+        client_ids keyed by (sender, client_id)); items in neither were refused
+        (sender may not post, or no such chat). None when a concurrent repeat
+        hit the unique index: the caller falls back to one send per item.
+        """
+        params = {
+            "chat_id": chat_id,
+            "senders": [i[0] for i in items],
+            "contents": [i[1] for i in items],
+            "client_ids": [i[2] for i in items],
+        }
+        try:
+            rows = await self._all(Q.SEND_BATCH, params)
+        except psycopg2.errors.UniqueViolation:
+            return None
+        created = [r[:9] for r in rows]
+        version = rows[0][9] if rows else 0
+        originals: dict[tuple[str, str], tuple] = {}
+        made = {(r[3], r[5]) for r in created if r[5] is not None}
+        wanted = [(s, c) for s, _, c in items if c is not None and (s, c) not in made]
+        if wanted:
+            found = await self._all(
+                SQL.BY_CLIENT_IDS,
+                {
+                    "chat_id": chat_id,
+                    "senders": [w[0] for w in wanted],
+                    "client_ids": [w[1] for w in wanted],
+                },
+            )
+            originals = {(r[3], r[5]): r for r in found}
+        return created, version, originals
 
     async def history(
         self,
@@ -349,30 +501,29 @@ class Storage:
         include_deleted: bool = False,
     ) -> list[tuple]:
         """Up to ``limit`` rows, newest-first for newest/before pages, oldest-first for after."""
-        deleted = "" if include_deleted else "AND NOT m.deleted"
         if after_seq is not None:
-            sql, seq = SQL.AFTER, after_seq
+            kind, seq = "after", after_seq
         elif before_seq is not None:
-            sql, seq = SQL.BEFORE, before_seq
+            kind, seq = "before", before_seq
         else:
-            sql, seq = SQL.NEWEST, None
+            kind, seq = "newest", None
         return await self._all(
-            sql.format(deleted=deleted), {"chat_id": chat_id, "seq": seq, "limit": limit}
+            Q.HISTORY[(kind, include_deleted)], {"chat_id": chat_id, "seq": seq, "limit": limit}
         )
 
     async def cache_fill(self, chat_id: str, limit: int) -> tuple[int, int, list[tuple]] | None:
         """(version, last_seq, newest rows newest-first) from one snapshot; None: no chat."""
-        rows = await self._all(SQL.CACHE_FILL, {"chat_id": chat_id, "limit": limit})
+        rows = await self._all(Q.CACHE_FILL, {"chat_id": chat_id, "limit": limit})
         if not rows:
             return None
         version, last_seq = rows[0][0], rows[0][1]
         return version, last_seq, [r[2:] for r in rows if r[2] is not None]
 
     async def latest(self, chat_id: str) -> tuple | None:
-        return await self._one(SQL.LATEST, {"chat_id": chat_id})
+        return await self._one(Q.LATEST, {"chat_id": chat_id})
 
     async def message_access(self, message_id: int, user_id: str) -> MessageAccess | None:
-        row = await self._one(SQL.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
+        row = await self._one(Q.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
         return MessageAccess(*row) if row else None
 
     async def delete_message(self, message_id: int) -> tuple[tuple, int] | None:
