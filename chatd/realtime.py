@@ -220,14 +220,20 @@ class ChatManagerMixin:
     async def release(self, sid: str, room: str, covered: int | None) -> None:
         """The join's ack is out: send the held events the ack did not cover,
         and drop any later one at or below ``covered`` (a late publish)."""
-        held = self._pop(self.joining, room, sid) or []
-        if covered is None:
+        held = self.joining.get(room, {}).get(sid)
+        if held is None:  # left or disconnected meanwhile
             return
-        self.floors.setdefault(room, {})[sid] = covered
-        for payload in held:
-            if payload["seq"] > covered:
+        if covered is not None:
+            self.floors.setdefault(room, {})[sid] = covered
+        # Still holding while sending, so an event arriving meanwhile queues
+        # behind the held ones instead of overtaking them.
+        while held:
+            payload = held.pop(0)
+            if covered is None or payload["seq"] > covered:
                 # Straight to this one socket, bypassing the queue and the filters.
                 await self.server.emit("new-message", payload, to=sid, ignore_queue=True)
+        if self.joining.get(room, {}).get(sid) is held:
+            self._pop(self.joining, room, sid)
 
     def forget(self, sid: str, room: str | None = None) -> None:
         """The socket left ``room`` (None: every room)."""
