@@ -194,11 +194,15 @@ class Presence(_Base):
         self._task: asyncio.Task | None = None
         self._closed = False
         self._failing_since = 0.0
+        # Set when an update could not reach Redis: the next heartbeat makes
+        # Redis agree with this process's sockets again.
+        self._dirty = False
 
     def _proc_key(self, pid: str) -> str:
         return self._proc_prefix + pid
 
     def _failed(self, what: str, exc: Exception) -> None:
+        self._dirty = True
         now = time.monotonic()
         if now - self._failing_since > 10:  # one line per 10 s of trouble, not per call
             log.warning("presence %s failed (%s)", what, exc)
@@ -241,14 +245,32 @@ class Presence(_Base):
             return
         registered_anew, dead = int(reply[0]), [d.decode() for d in reply[1:]]
         if registered_anew and self.local:
-            # We were reaped while alive (stalled past our deadline): count our
-            # sockets again; users whose count comes back to 1 are online again.
+            # We were reaped while alive (stalled past our deadline).
             log.warning("presence: this process had been declared dead; registering again")
-            for (chat_id, sid), user_id in list(self.local.items()):
-                await self._count_in(chat_id, user_id, sid, retry=False)
+            self._dirty = True
+        if self._dirty:
+            await self._reconcile()
         for pid in dead:
             if pid != self.pid:
                 await self.reap(pid)
+
+    async def _reconcile(self) -> None:
+        """Make Redis count exactly this process's sockets: count the ones it
+        lost (reaped while alive, a join that failed) and drop the ones that
+        are gone (a leave that failed), announcing whoever that changes."""
+        self._dirty = False
+        try:
+            counted = {m.decode() for m in await self._r.smembers(self._proc_key(self.pid))}
+        except (RedisError, OSError) as exc:
+            self._failed("reconcile", exc)
+            return
+        local = {_ref(c, s, u): (c, s, u) for (c, s), u in self.local.items()}
+        for ref in counted - local.keys():
+            chat_id, _, user_id = ref.split("\n", 2)
+            await self._count_out(chat_id, user_id, ref)
+        for ref in local.keys() - counted:
+            chat_id, sid, user_id = local[ref]
+            await self._count_in(chat_id, user_id, sid, retry=False)
 
     async def reap(self, pid: str, force: bool = False) -> None:
         try:
@@ -295,10 +317,13 @@ class Presence(_Base):
         user_id = self.local.pop((chat_id, sid), None)
         if user_id is None or self._closed:
             return
+        await self._count_out(chat_id, user_id, _ref(chat_id, sid, user_id))
+
+    async def _count_out(self, chat_id: str, user_id: str, ref: str) -> None:
         try:
             n = await self._leave(
                 keys=[self._chat_prefix + chat_id, self._proc_key(self.pid)],
-                args=[user_id, _ref(chat_id, sid, user_id)],
+                args=[user_id, ref],
             )
         except (RedisError, OSError) as exc:
             self._failed("leave", exc)

@@ -67,6 +67,8 @@ LISTEN_PING_INTERVAL = 5.0
 # Reconnect backoff of the listener: from 0.2 s up to 5 s (python-socketio's
 # own goes up to 60 s, i.e. up to a minute of lost events after Redis is back).
 LISTEN_RETRY = (0.2, 5.0)
+# After a failed publish, skip publishing for this long (seconds).
+PUBLISH_PAUSE = 1.0
 
 
 def chat_room(chat_id: str) -> str:
@@ -325,12 +327,19 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         )
         self.publisher = publisher
         self._publish_failing_since = 0.0
+        self._publish_down_until = 0.0
 
     async def _publish(self, data):
+        now = time.monotonic()
+        if now < self._publish_down_until:
+            # A circuit breaker: while Redis fails, emits do not each wait for
+            # REDIS_TIMEOUT (the request that emitted is already answered or
+            # about to be; the other processes miss the event either way).
+            return None
         try:
             return await self.publisher.publish(self.channel, self.json.dumps(data))
         except (RedisError, OSError) as exc:
-            now = time.monotonic()
+            self._publish_down_until = time.monotonic() + PUBLISH_PAUSE
             if now - self._publish_failing_since > 10:
                 log.warning("cannot publish to Redis (%s): other processes miss events", exc)
                 self._publish_failing_since = now
@@ -543,6 +552,10 @@ class ChatNamespace(socketio.AsyncNamespace):
             if not after_ack(release):
                 await release()
         await self.presence.join(chat_id, user_id, sid)
+        if sid not in self.users:
+            # Disconnected while joining: its disconnect could not count this.
+            self.manager.forget(sid)
+            await self.presence.leave(chat_id, sid)
         return {
             "ok": True,
             "chat_id": chat_id,
