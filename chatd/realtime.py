@@ -200,7 +200,11 @@ class ChatManagerMixin:
         skip = list(skip) if isinstance(skip, list) else ([skip] if skip else [])
         if message.get("skip_room"):
             skip.extend(sid for sid, _ in self.get_participants(namespace, message["skip_room"]))
-        if event == "new-message" and (room in self.joining or room in self.floors):
+        if (
+            event == "new-message"
+            and isinstance(room, str)
+            and (room in self.joining or room in self.floors)
+        ):
             seq = payload.get("seq") if isinstance(payload, dict) else None
             if isinstance(seq, int):
                 for sid, held in self.joining.get(room, {}).items():
@@ -466,6 +470,10 @@ class ChatNamespace(socketio.AsyncNamespace):
     def manager(self) -> ChatManagerMixin:
         return self.server.manager
 
+    def _in_room(self, sid: str, room: str) -> bool:
+        # One lookup (self.rooms(sid) walks every room of the namespace).
+        return sid in self.manager.rooms.get(self.namespace, {}).get(room, ())
+
     async def _announce(self, chat_id: str, user_id: str, online: bool) -> None:
         payload = {"chat_id": chat_id, "user_id": user_id, "online": online}
         await self.emit("presence", payload, room=chat_room(chat_id))
@@ -577,7 +585,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         chat_id = _chat_id_of(payload)
         # The room is the proof of read access: join-chat lets only readers in,
         # and removing a member takes their sockets out (as the original did).
-        if chat_room(chat_id) not in self.rooms(sid):
+        if not self._in_room(sid, chat_room(chat_id)):
             raise Forbidden("join the chat first")
         sent = await self.domain.typing(user_id, chat_id)
         return {"ok": True, "chat_id": chat_id, "sent": sent}
