@@ -281,6 +281,22 @@ class ChatManagerMixin:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def start(self, wait: float = 5.0) -> None:
+        """Start listening now, not on the first connection as python-socketio
+        would: a client that joins right after a restart must not miss events
+        published before the subscription existed. Waits (up to ``wait`` s)
+        until Redis confirms the subscription; with Redis down it carries on
+        and the listener keeps retrying."""
+        if not self.server.manager_initialized:
+            self.server.manager_initialized = True
+            self.initialize()
+        ready = getattr(self, "subscribed", None)
+        if ready is not None:
+            try:
+                await asyncio.wait_for(ready.wait(), wait)
+            except TimeoutError:
+                log.warning("not subscribed to Redis yet; starting anyway (retrying)")
+
     async def close(self) -> None:
         """Stop the pubsub listener (python-socketio's shutdown leaves it running)."""
         thread = getattr(self, "thread", None)
@@ -332,6 +348,8 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         self.publisher = publisher
         self._publish_failing_since = 0.0
         self._publish_down_until = 0.0
+        # Set while Redis has confirmed our subscription.
+        self.subscribed = asyncio.Event()
 
     async def _publish(self, data):
         now = time.monotonic()
@@ -377,9 +395,12 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
                     pinged = False
                     if msg.get("type") == "message" and msg.get("channel") == channel:
                         yield msg["data"]
+                    elif msg.get("type") == "subscribe":
+                        self.subscribed.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.subscribed.clear()
                 if not failed:
                     log.warning("Redis listener failed (%s); reconnecting", exc)
                 failed = True

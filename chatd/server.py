@@ -84,6 +84,7 @@ class Chatd:
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer
         )
         self.sio.register_namespace(realtime.ChatNamespace(self.domain, verifier, self.presence))
+        await self.sio.manager.start(s.redis_timeout + 1)
         await self.presence.start()
         ctx = web.Context(
             domain=self.domain,

@@ -59,6 +59,19 @@ def presence_of(client: SocketClient, user: str, online: bool) -> list:
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_every_process_is_subscribed_before_it_serves(three, redis_prefix):
+    # python-socketio would subscribe on the first connection: a client that
+    # joined right after a restart could miss what was published meanwhile.
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        channel = f"{redis_prefix}:socketio"
+        [(_, subscribers)] = await r.pubsub_numsub(channel)
+        assert subscribers == 3
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_rest_send_on_one_process_reaches_sockets_on_the_others(three, chat_id):
     a, b, c = three
     await Api(a.url).create_chat(chat_id, members=["bob", "carol"])
