@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis.asyncio as aioredis
@@ -29,8 +30,10 @@ ENV = {"PRESENCE_TTL": TTL, "RATE_LIMIT_SENDS": "100000/1s", "LOG_LEVEL": "info"
 
 @pytest.fixture
 def three(spawn):
-    """Processes A, B and C of one service."""
-    return [spawn(**ENV) for _ in range(3)]
+    """Processes A, B and C of one service (started side by side: each start
+    mostly waits for imports and connections)."""
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda _: spawn(**ENV), range(3)))
 
 
 async def connect(proc, user: str) -> SocketClient:
