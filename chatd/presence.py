@@ -122,10 +122,30 @@ class _Base:
     """What both presence stores share: the local sockets' joins, and the callback."""
 
     def __init__(self) -> None:
-        # This process's own sockets: (chat_id, sid) -> user_id. Local by nature
-        # (those sockets live and die with this process); Redis has the totals.
+        # This process's own sockets: (chat_id, sid) -> user_id, and sid ->
+        # its chats. Local by nature (those sockets live and die with this
+        # process); Redis has the totals.
         self.local: dict[tuple[str, str], str] = {}
+        self._chats: dict[str, set[str]] = {}
         self.notify: Notify | None = None
+
+    def _add(self, chat_id: str, sid: str, user_id: str) -> bool:
+        """Record a local join; False if it was recorded already."""
+        if (chat_id, sid) in self.local:
+            return False
+        self.local[(chat_id, sid)] = user_id
+        self._chats.setdefault(sid, set()).add(chat_id)
+        return True
+
+    def _remove(self, chat_id: str, sid: str) -> str | None:
+        """Forget a local join; the user id, or None if there was none."""
+        user_id = self.local.pop((chat_id, sid), None)
+        chats = self._chats.get(sid)
+        if chats is not None:
+            chats.discard(chat_id)
+            if not chats:
+                del self._chats[sid]
+        return user_id
 
     async def _tell(self, chat_id: str, user_id: str, online: bool) -> None:
         if self.notify is not None:
@@ -135,7 +155,7 @@ class _Base:
                 log.exception("presence emit failed")
 
     def chats_of(self, sid: str) -> list[str]:
-        return [chat for chat, s in self.local if s == sid]
+        return sorted(self._chats.get(sid, ()))
 
     async def leave_all(self, sid: str) -> None:
         for chat_id in self.chats_of(sid):
@@ -151,6 +171,10 @@ class _Base:
 class LocalPresence(_Base):
     """Presence of one process (no Redis configured, so there is only one)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts: dict[tuple[str, str], int] = {}  # (chat, user) -> sockets
+
     async def start(self) -> None:
         pass
 
@@ -158,19 +182,22 @@ class LocalPresence(_Base):
         for chat_id, sid in list(self.local):
             await self.leave(chat_id, sid)
 
-    def _count(self, chat_id: str, user_id: str) -> int:
-        return sum(1 for (c, _), u in self.local.items() if c == chat_id and u == user_id)
-
     async def join(self, chat_id: str, user_id: str, sid: str) -> None:
-        if (chat_id, sid) in self.local:
+        if not self._add(chat_id, sid, user_id):
             return
-        self.local[(chat_id, sid)] = user_id
-        if self._count(chat_id, user_id) == 1:
+        key = (chat_id, user_id)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if self._counts[key] == 1:
             await self._tell(chat_id, user_id, True)
 
     async def leave(self, chat_id: str, sid: str) -> None:
-        user_id = self.local.pop((chat_id, sid), None)
-        if user_id is not None and self._count(chat_id, user_id) == 0:
+        user_id = self._remove(chat_id, sid)
+        if user_id is None:
+            return
+        key = (chat_id, user_id)
+        self._counts[key] -= 1
+        if self._counts[key] <= 0:
+            del self._counts[key]
             await self._tell(chat_id, user_id, False)
 
 
@@ -224,6 +251,7 @@ class Presence(_Base):
             except (asyncio.CancelledError, Exception):
                 pass
         self.local.clear()
+        self._chats.clear()
         await self.reap(self.pid, force=True)
 
     async def _run(self) -> None:
@@ -291,7 +319,7 @@ class Presence(_Base):
     async def join(self, chat_id: str, user_id: str, sid: str) -> None:
         if self._closed:
             return
-        self.local[(chat_id, sid)] = user_id
+        self._add(chat_id, sid, user_id)
         await self._count_in(chat_id, user_id, sid, retry=True)
 
     async def _count_in(self, chat_id: str, user_id: str, sid: str, retry: bool) -> None:
@@ -314,7 +342,7 @@ class Presence(_Base):
             await self._tell(chat_id, user_id, True)
 
     async def leave(self, chat_id: str, sid: str) -> None:
-        user_id = self.local.pop((chat_id, sid), None)
+        user_id = self._remove(chat_id, sid)
         if user_id is None or self._closed:
             return
         await self._count_out(chat_id, user_id, _ref(chat_id, sid, user_id))

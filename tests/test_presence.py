@@ -100,7 +100,7 @@ async def test_a_leave_that_failed_is_repaired_by_the_next_heartbeat(prefix):
         await one.join("c1", "bob", "s1")
         # The leave never reached Redis (an outage): the socket is gone here
         # but still counted there.
-        one.local.pop(("c1", "s1"))
+        one._remove("c1", "s1")
         one._dirty = True
         assert await one.online("c1") == ["bob"]
         await one.beat()
