@@ -165,6 +165,8 @@ class ChatManagerMixin:
         # room -> sid -> the highest seq that sid's join ack covered: a later
         # new-message at or below it is a duplicate (a late publish).
         self.floors: dict[str, dict[str, int]] = {}
+        # sid -> the rooms it has an entry in above (for forget(sid)).
+        self._marked: dict[str, set[str]] = {}
         # async (sid, chat_id) -> None: a local socket was made to leave a
         # chat's room by an internal event (the namespace updates presence).
         self.on_removed: Callable[[str, str], Awaitable[None]] | None = None
@@ -222,6 +224,7 @@ class ChatManagerMixin:
         """From now on, hold back this socket's new-message events of ``room``
         (call before the socket enters the room, then read what it missed)."""
         self.joining.setdefault(room, {})[sid] = []
+        self._marked.setdefault(sid, set()).add(room)
 
     async def release(self, sid: str, room: str, covered: int | None) -> None:
         """The join's ack is out: send the held events the ack did not cover,
@@ -243,9 +246,14 @@ class ChatManagerMixin:
 
     def forget(self, sid: str, room: str | None = None) -> None:
         """The socket left ``room`` (None: every room)."""
-        for table in (self.joining, self.floors):
-            for r in [room] if room is not None else list(table):
-                self._pop(table, r, sid)
+        marked = self._marked.get(sid, set())
+        rooms = [room] if room is not None else list(marked)
+        for r in rooms:
+            self._pop(self.joining, r, sid)
+            self._pop(self.floors, r, sid)
+            marked.discard(r)
+        if not marked:
+            self._marked.pop(sid, None)
 
     @staticmethod
     def _pop(table: dict, room: str, sid: str):
