@@ -37,7 +37,8 @@ def three(spawn):
 
 
 async def connect(proc, user: str) -> SocketClient:
-    return await SocketClient(proc.url, user=user).connect()
+    """A socket of ``user`` on a ChatdProcess (or a base URL)."""
+    return await SocketClient(getattr(proc, "url", proc), user=user).connect()
 
 
 async def join(client: SocketClient, chat_id: str, since_seq: int | None = None) -> dict:
@@ -423,3 +424,40 @@ async def test_listener_reconnects_when_redis_stops_answering(monkeypatch):
         await asyncio.sleep(0.02)
     listener.cancel()
     assert connects[0]["client_name"].startswith("chatd-sub-")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_late_publish_of_a_message_the_join_ack_covered_is_dropped(chatd, api, chat_id):
+    """Another process may publish message n only after this one answered a
+    join whose `missed` already held n: that socket must not see n again."""
+    await api.create_chat(chat_id, members=["bob"])
+    sent = [(await api.send(chat_id, f"m{i}")).json for i in range(3)]
+    url = f"http://127.0.0.1:{chatd.port}"
+    bob = await connect(url, "bob")
+    alice = await connect(url, "alice")  # joins without since_seq
+    try:
+        ack = await join(bob, chat_id, since_seq=1)
+        assert [m["seq"] for m in ack["missed"]] == [2, 3]
+        await join(alice, chat_id)
+
+        def remote(message):  # as the listener hands over another process's emit
+            return {
+                "method": "emit", "event": "new-message", "data": [message],
+                "binary": False, "namespace": "/", "room": f"chat:{chat_id}",
+                "skip_sid": None, "callback": None, "host_id": "another-process",
+            }  # fmt: skip
+
+        await chatd.sio.manager._handle_emit(remote(sent[2]))  # seq 3: late
+        fresh = (await api.send(chat_id, "m3")).json  # seq 4: new
+        assert await bob.wait_for("new-message") == fresh
+        await alice.wait_for("new-message", lambda m: m["seq"] == 4)
+        assert [m["seq"] for m in bob.of("new-message")] == [4]
+        # A socket that joined without since_seq asked for no replay: not filtered.
+        assert [m["seq"] for m in alice.of("new-message")] == [3, 4]
+        # Leaving ends the filter; joining again without since_seq starts none.
+        await bob.call("leave-chat", chat_id)
+        await join(bob, chat_id)
+        await chatd.sio.manager._handle_emit(remote(sent[1]))
+        await bob.wait_for("new-message", lambda m: m["seq"] == 2)
+    finally:
+        await close_all(bob, alice)
