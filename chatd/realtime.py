@@ -25,6 +25,13 @@ delivered (each process knows only its own sockets):
 What these keep per process (held events, floors, sid -> user) is about the
 sockets connected to *this* process and dies with them; everything shared
 (presence counts, throttles, messages) is in Redis and PostgreSQL.
+
+python-socketio offers no public hooks for this, so chatd overrides a few of
+its internal methods (stable across 5.x, and every one exercised by
+tests/test_cluster.py, so an upgrade that changes them fails loudly there):
+``AsyncServer._handle_event_internal`` (after-ack hooks),
+``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
+``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``.
 """
 
 from __future__ import annotations
