@@ -17,12 +17,15 @@ counts +1 only if it was not there (a repeated join-chat counts once); leaving
 removes the reference and counts -1 only if it was there.
 
 A process that dies without a goodbye (SIGKILL, power loss) stops refreshing
-its deadline. Every process runs a heartbeat every ``PRESENCE_TTL / 3``
-seconds that pushes its own deadline ``PRESENCE_TTL`` ahead and collects the
-processes whose deadline passed; one script per dead process (atomic, so
-exactly one survivor gets the list) drops all its references and returns the
-users whose count fell to zero, and that survivor emits ``online: false`` for
-them. So a killed process's users go offline within about 1.3 x PRESENCE_TTL.
+its deadline. Every process runs a heartbeat every ``PRESENCE_TTL / 4``
+seconds that pushes its own deadline three heartbeats (``0.75 x
+PRESENCE_TTL``) ahead and collects the processes whose deadline passed; one
+script per dead process (atomic, so exactly one survivor gets the list) drops
+all its references and returns the users whose count fell to zero, and that
+survivor emits ``online: false`` for them. So a killed process's users go
+offline within PRESENCE_TTL: its deadline passes at most 0.75 x TTL after its
+last heartbeat, and another process looks at most 0.25 x TTL later. A live
+process may miss two heartbeats (a pause of up to ~0.5 x TTL) unharmed.
 
 A process that was only stalled past its deadline (a long pause, a Redis
 outage) finds its heartbeat re-adding it and registers its sockets again, so
@@ -209,7 +212,8 @@ class Presence(_Base):
         self._r = client
         self.pid = uuid.uuid4().hex
         self.ttl = ttl
-        self.interval = max(0.2, ttl / 3)
+        self.interval = max(0.2, ttl / 4)
+        self.deadline_ms = int(ttl * 750)  # three heartbeats ahead
         tag = f"{prefix}:{{presence}}"
         self._chat_prefix = f"{tag}:chat:"
         self._procs = f"{tag}:procs"
@@ -267,7 +271,7 @@ class Presence(_Base):
     async def beat(self) -> None:
         """Refresh this process's deadline and reap the processes that missed theirs."""
         try:
-            reply = await self._beat(keys=[self._procs], args=[self.pid, int(self.ttl * 1000)])
+            reply = await self._beat(keys=[self._procs], args=[self.pid, self.deadline_ms])
         except (RedisError, OSError) as exc:
             self._failed("heartbeat", exc)
             return

@@ -23,7 +23,7 @@ from .helpers import Api, SocketClient
 
 pytestmark = pytest.mark.slow
 
-TTL = 2  # PRESENCE_TTL of these processes, seconds
+TTL = 3  # PRESENCE_TTL of these processes, seconds
 QUIET = 0.6  # how long "nothing arrives" is watched, seconds
 ENV = {"PRESENCE_TTL": TTL, "RATE_LIMIT_SENDS": "100000/1s", "LOG_LEVEL": "info"}
 
@@ -145,7 +145,8 @@ async def test_presence_is_counted_across_processes_and_survives_sigkill(
         await dave.wait_for("presence", lambda p: p["user_id"] == "bob" and not p["online"], 15)
         await dave.wait_for("presence", lambda p: p["user_id"] == "carol" and not p["online"], 5)
         elapsed = time.monotonic() - killed_at
-        assert elapsed < 2 * TTL + 1.5, f"offline only after {elapsed:.1f}s"
+        # Within the TTL (plus a little for pubsub and a loaded machine).
+        assert elapsed < TTL + 1, f"offline only after {elapsed:.1f}s"
         await asyncio.sleep(QUIET)
         assert presence_of(dave, "alice", False) == []
         assert await r.hget(counts, "bob") is None
