@@ -44,6 +44,7 @@ class Settings:
     redis_timeout: float = 1.0
     redis_prefix: str = "chatd"
     socketio_channel: str = "chatd-socketio"
+    presence_ttl: float = 20.0
     cache_rows: int = 100
     cache_ttl: int = 3600
     shutdown_timeout: float = 10.0
@@ -280,6 +281,7 @@ def load(
         redis_timeout=env.float("REDIS_TIMEOUT", 1.0, 0.05, 60.0),
         redis_prefix=prefix,
         socketio_channel=env.get("SOCKETIO_CHANNEL") or "chatd-socketio",
+        presence_ttl=env.float("PRESENCE_TTL", 20.0, 1.0, 3600.0),
         cache_rows=env.int("CACHE_ROWS", 100, 0, 1000),
         cache_ttl=env.int("CACHE_TTL", 3600, 1, 30 * 86400),
         shutdown_timeout=env.float("SHUTDOWN_TIMEOUT", 10.0, 0.0, 3600.0),

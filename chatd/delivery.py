@@ -5,14 +5,14 @@ asyncio task per recipient to queue the same packet on each socket, and waits
 for them all. Queueing a packet on an engine.io socket is an
 ``await queue.put()`` on an unbounded queue, which never suspends, so the
 tasks buy no concurrency: at 500 sockets and 20 messages/s they were 10,000
-task creations a second. These managers queue the packet on each recipient
-in turn instead. Every packet still goes through the socket's own queue and
-writer, so events and acks keep the order they were queued in.
+task creations a second. chatd's managers (chatd.realtime) queue the packet
+on each recipient in turn instead. Every packet still goes through the
+socket's own queue and writer, so events and acks keep the order they were
+queued in.
 """
 
 from __future__ import annotations
 
-import socketio
 from engineio import packet as eio_packet
 from socketio import packet
 
@@ -42,33 +42,21 @@ async def _deliver(manager, event, data, namespace, room, skip_sid) -> None:
                 await send(eio_sid, pkt)
 
 
-class LocalManager(socketio.AsyncManager):
-    """One process: rooms in memory."""
-
-    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None,
-                   to=None, **kwargs):  # fmt: skip
-        if callback is not None:
-            return await super().emit(
-                event, data, namespace, room, skip_sid, callback, to, **kwargs
-            )
-        await _deliver(self, event, data, namespace, to or room, skip_sid)
-
-
-class RedisManager(socketio.AsyncRedisManager):
-    """Many processes: each emit is published on Redis and delivered by every
-    process to its own sockets of the room (python-socketio's design)."""
-
-    async def _handle_emit(self, message):
-        if message.get("callback") is not None or message.get("binary"):
-            return await super()._handle_emit(message)
-        data = message["data"]
-        if isinstance(data, list):
-            data = data[0] if len(data) == 1 else tuple(data)
-        await _deliver(
-            self,
-            message["event"],
-            data,
-            message.get("namespace") or "/",
-            message.get("room"),
-            message.get("skip_sid"),
-        )
+async def deliver_message(manager, message: dict) -> bool:
+    """Deliver a pub/sub emit message (python-socketio's format) to this
+    process's sockets of its room; False when it needs python-socketio's own
+    path (an emit with a callback, or binary data)."""
+    if message.get("callback") is not None or message.get("binary"):
+        return False
+    data = message["data"]
+    if isinstance(data, list):
+        data = data[0] if len(data) == 1 else tuple(data)
+    await _deliver(
+        manager,
+        message["event"],
+        data,
+        message.get("namespace") or "/",
+        message.get("room"),
+        message.get("skip_sid"),
+    )
+    return True

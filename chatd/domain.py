@@ -34,6 +34,7 @@ from . import model, validate
 from .cache import PageCache
 from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
 from .events import Events, NullEvents
+from .presence import Gate
 from .storage import Access, Storage
 
 log = logging.getLogger("chatd.domain")
@@ -47,6 +48,8 @@ PRIVILEGED = ("owner", "admin")
 # Group commit: most sends one chat transaction carries. 100-row transactions
 # reach ~126,000 rows/s on this PostgreSQL against ~2,200/s for one row each.
 MAX_BATCH = 100
+# API.md: at most one ``typing`` per user and chat per 2 s (across processes).
+TYPING_INTERVAL_MS = 2000
 
 dumps = orjson.dumps
 # orjson writes the keys in model.MESSAGE_KEYS order with no spaces and escapes
@@ -150,6 +153,10 @@ def _settle_as_repeat(first: asyncio.Future, repeat: asyncio.Future) -> None:
 class CatchUp:
     last_seq: int
     missed: Page
+    # The highest seq the caller has once it holds this answer (everything up
+    # to since_seq, then ``missed``): live events at or below it are
+    # duplicates. None: no since_seq was given, nothing is replayed.
+    covered: int | None = None
 
 
 class ChatService:
@@ -159,11 +166,13 @@ class ChatService:
         cache: PageCache,
         events: Events | None = None,
         max_message_length: int = 4000,
+        gate: Gate | None = None,
     ):
         self.storage = storage
         self.cache = cache
         self.events: Events = events or NullEvents()
         self.max_message_length = max_message_length
+        self.gate = gate or Gate(None, "")
         self._background: set[asyncio.Task] = set()
         # chat id -> sends queued behind the transaction in flight (group commit)
         self._lanes: dict[str, list[_Queued]] = {}
@@ -410,8 +419,25 @@ class ChatService:
         )
         has_more = len(rows) > MAX_MISSED
         rows = rows[:MAX_MISSED]
-        last_seq = max(access.last_seq, rows[-1][2] if rows else 0)
-        return CatchUp(last_seq, Page([dumps(model.message(r)) for r in rows], has_more))
+        # seq is gapless, so the caller now has every message up to the last
+        # row; with no rows, up to since_seq (capped by last_seq, so a client
+        # that claims more than exists is not denied what comes next).
+        covered = rows[-1][2] if rows else min(since_seq, access.last_seq)
+        last_seq = max(access.last_seq, covered)
+        page = Page([dumps(model.message(r)) for r in rows], has_more)
+        return CatchUp(last_seq, page, covered)
+
+    async def typing(self, user_id: str, chat_id: object) -> bool:
+        """Tell the chat's other sockets that the user is typing, at most once
+        per TYPING_INTERVAL_MS per user and chat (across processes). The caller
+        must already know the user may read the chat (the socket transport
+        checks that the socket has joined the chat's room, which join-chat only
+        allows to readers and a member's removal undoes). False: throttled."""
+        chat_id = validate.chat_id(chat_id)
+        if not await self.gate.allow(f"typing:{chat_id}:{user_id}", TYPING_INTERVAL_MS):
+            return False
+        await self.events.typing(chat_id, user_id)
+        return True
 
     # -- chats ------------------------------------------------------------------
 

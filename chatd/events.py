@@ -19,6 +19,8 @@ class Events(Protocol):
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None: ...
 
+    async def typing(self, chat_id: str, user_id: str) -> None: ...
+
 
 class NullEvents:
     """Events that go nowhere (tools that run without a realtime layer)."""
@@ -36,4 +38,7 @@ class NullEvents:
         pass
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
+        pass
+
+    async def typing(self, chat_id: str, user_id: str) -> None:
         pass

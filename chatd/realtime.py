@@ -5,21 +5,57 @@ Rooms: ``chat:{chat_id}`` for a chat's events, ``user:{user_id}`` for all the
 sockets of one user. Handlers are thin: parse the payload, take the user from
 the handshake (never from the payload), call the domain, answer the ack with
 ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"}}``.
+
+Many processes, one service. With Redis configured every emit goes through
+:class:`RedisChatManager` (python-socketio's ``AsyncRedisManager``): the
+emitting process delivers to its own sockets and publishes the emit on
+``SOCKETIO_CHANNEL``; every other process delivers it to its sockets. chatd
+adds three things to python-socketio's message, all decided where the emit is
+delivered (each process knows only its own sockets):
+
+- ``skip_room``: skip every socket in that room, on every process. ``typing``
+  skips ``user:{sender}``, so none of the sender's tabs sees its own typing.
+- Per-socket de-duplication of ``new-message`` for sockets that joined a chat
+  with ``since_seq`` (see :meth:`ChatManagerMixin.hold`): API.md promises
+  that join-then-listen leaves no hole *and* shows nothing twice.
+- Internal events (``INTERNAL_*``) that are never sent to a socket but run a
+  hook on every process: a removed member's sockets leave the chat's room
+  wherever they are connected.
+
+What these keep per process (held events, floors, sid -> user) is about the
+sockets connected to *this* process and dies with them; everything shared
+(presence counts, throttles, messages) is in Redis and PostgreSQL.
+
+python-socketio offers no public hooks for this, so chatd overrides a few of
+its internal methods (stable across 5.x, and every one exercised by
+tests/test_cluster.py, so an upgrade that changes them fails loudly there):
+``AsyncServer._handle_event_internal`` (after-ack hooks),
+``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
+``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 import orjson
 import socketio
+from redis.exceptions import RedisError
+from socketio.async_manager import AsyncManager
+from socketio.async_pubsub_manager import AsyncPubSubManager
 
-from . import validate
+from . import delivery, validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
-from .errors import ApiError, BadRequest, Unauthorized
+from .errors import ApiError, BadRequest, Forbidden, Unauthorized
+from .presence import LocalPresence, Presence
 
 log = logging.getLogger("chatd.realtime")
 
@@ -28,6 +64,19 @@ log = logging.getLogger("chatd.realtime")
 MAX_ROOMS_PER_SOCKET = 200
 # Socket.IO packets above this are refused by engine.io (same cap as REST bodies).
 MAX_PACKET = 64 * 1024
+# Internal event: the sockets of room ``user:{user_id}`` leave ``chat:{chat_id}``.
+INTERNAL_LEAVE = "chatd:member-removed"
+# The pubsub listener pings Redis when it has heard nothing for this long, and
+# reconnects when the ping is not answered within as long again: a dead or
+# half-open connection is noticed within ~2x this, instead of never (a blocked
+# read without a timeout waits forever; a socket read timeout instead would
+# fire on every idle period).
+LISTEN_PING_INTERVAL = 5.0
+# Reconnect backoff of the listener: from 0.2 s up to 5 s (python-socketio's
+# own goes up to 60 s, i.e. up to a minute of lost events after Redis is back).
+LISTEN_RETRY = (0.2, 5.0)
+# After a failed publish, skip publishing for this long (seconds).
+PUBLISH_PAUSE = 1.0
 
 
 def chat_room(chat_id: str) -> str:
@@ -58,10 +107,50 @@ class OrjsonPackets:
             return json.loads(text)
 
 
+# -- run something right after the ack of the current event is sent -----------
+
+_after_ack: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "chatd_after_ack", default=None
+)
+
+
+def after_ack(hook: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``hook`` once the ack of the socket event being handled is queued
+    to the client (so the client sees the ack first). False when not inside a
+    socket event (the caller then runs it itself)."""
+    hooks = _after_ack.get()
+    if hooks is None:
+        return False
+    hooks.append(hook)
+    return True
+
+
+class ChatServer(socketio.AsyncServer):
+    """python-socketio's server, plus :func:`after_ack` hooks.
+
+    The handler's return value becomes the ack, sent by python-socketio after
+    the handler returns; a join-chat must release the events it held back
+    only after that. The event handler runs inside this method's task, so a
+    context variable carries the hooks from the handler to here."""
+
+    async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
+        hooks: list = []
+        token = _after_ack.set(hooks)
+        try:
+            await super()._handle_event_internal(server, sid, eio_sid, data, namespace, id)
+        finally:
+            _after_ack.reset(token)
+            for hook in hooks:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("after-ack hook failed")
+
+
 def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketio.AsyncServer:
-    return socketio.AsyncServer(
+    return ChatServer(
         async_mode="tornado",
-        client_manager=client_manager,
+        client_manager=client_manager or LocalChatManager(),
         # No FRONTENDADDRES: browsers on other origins are refused (clients
         # that send no Origin header, like native apps and tests, are not).
         cors_allowed_origins=list(cors_origins) if cors_origins else [],
@@ -73,8 +162,289 @@ def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketi
     )
 
 
+# -- the client managers ---------------------------------------------------------
+
+
+class ChatManagerMixin:
+    """chatd's additions to a python-socketio pub/sub manager (see the module
+    docstring). Everything is decided in ``_handle_emit``, which
+    python-socketio calls for an emit on the emitting process and for each
+    emit received from another process, right before it delivers to the
+    local sockets of the room."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # room -> sid -> new-message payloads held back while the sid's
+        # join-chat (with since_seq) is reading what it missed.
+        self.joining: dict[str, dict[str, list]] = {}
+        # room -> sid -> the highest seq that sid's join ack covered: a later
+        # new-message at or below it is a duplicate (a late publish).
+        self.floors: dict[str, dict[str, int]] = {}
+        # sid -> the rooms it has an entry in above (for forget(sid)).
+        self._marked: dict[str, set[str]] = {}
+        # async (sid, chat_id) -> None: a local socket was made to leave a
+        # chat's room by an internal event (the namespace updates presence).
+        self.on_removed: Callable[[str, str], Awaitable[None]] | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def emit(self, event, data, namespace=None, room=None, skip_sid=None,
+                   callback=None, to=None, skip_room=None, **kwargs):  # fmt: skip
+        if skip_room is None:
+            return await super().emit(
+                event, data, namespace=namespace, room=room, skip_sid=skip_sid,
+                callback=callback, to=to, **kwargs,
+            )  # fmt: skip
+        # python-socketio's message, plus skip_room (its emit has no such field).
+        message = {
+            "method": "emit", "event": event, "data": [data], "binary": False,
+            "namespace": namespace or "/", "room": to or room, "skip_sid": skip_sid,
+            "skip_room": skip_room, "callback": None, "host_id": self.host_id,
+        }  # fmt: skip
+        await self._handle_emit(message)
+        await self._publish(message)
+
+    async def _handle_emit(self, message):
+        event = message.get("event")
+        namespace = message.get("namespace") or "/"
+        room = message.get("room")
+        data = message.get("data")
+        payload = data[0] if isinstance(data, list) and data else None
+        if event == INTERNAL_LEAVE:
+            if isinstance(payload, dict):
+                await self._leave_chat_locally(namespace, payload)
+            return
+        skip = message.get("skip_sid")
+        skip = list(skip) if isinstance(skip, list) else ([skip] if skip else [])
+        if message.get("skip_room"):
+            skip.extend(sid for sid, _ in self.get_participants(namespace, message["skip_room"]))
+        if (
+            event == "new-message"
+            and isinstance(room, str)
+            and (room in self.joining or room in self.floors)
+        ):
+            seq = payload.get("seq") if isinstance(payload, dict) else None
+            if isinstance(seq, int):
+                for sid, held in self.joining.get(room, {}).items():
+                    held.append(payload)
+                    skip.append(sid)
+                for sid, floor in self.floors.get(room, {}).items():
+                    if seq <= floor:
+                        skip.append(sid)
+        # A copy: on the emitting process the same dict is published next.
+        message = {**message, "skip_sid": skip}
+        if not await delivery.deliver_message(self, message):
+            await super()._handle_emit(message)
+
+    # -- join-chat with since_seq: no hole, no duplicate ----------------------------
+
+    def hold(self, sid: str, room: str) -> None:
+        """From now on, hold back this socket's new-message events of ``room``
+        (call before the socket enters the room, then read what it missed)."""
+        self.joining.setdefault(room, {})[sid] = []
+        self._marked.setdefault(sid, set()).add(room)
+
+    async def release(self, sid: str, room: str, covered: int | None) -> None:
+        """The join's ack is out: send the held events the ack did not cover,
+        and drop any later one at or below ``covered`` (a late publish)."""
+        held = self.joining.get(room, {}).get(sid)
+        if held is None:  # left or disconnected meanwhile
+            return
+        if covered is not None:
+            self.floors.setdefault(room, {})[sid] = covered
+        # Still holding while sending, so an event arriving meanwhile queues
+        # behind the held ones instead of overtaking them.
+        while held:
+            payload = held.pop(0)
+            if covered is None or payload["seq"] > covered:
+                # Straight to this one socket, bypassing the queue and the filters.
+                await self.server.emit("new-message", payload, to=sid, ignore_queue=True)
+        if self.joining.get(room, {}).get(sid) is held:
+            self._pop(self.joining, room, sid)
+
+    def forget(self, sid: str, room: str | None = None) -> None:
+        """The socket left ``room`` (None: every room)."""
+        marked = self._marked.get(sid, set())
+        rooms = [room] if room is not None else list(marked)
+        for r in rooms:
+            self._pop(self.joining, r, sid)
+            self._pop(self.floors, r, sid)
+            marked.discard(r)
+        if not marked:
+            self._marked.pop(sid, None)
+
+    @staticmethod
+    def _pop(table: dict, room: str, sid: str):
+        sids = table.get(room)
+        if sids is None:
+            return None
+        value = sids.pop(sid, None)
+        if not sids:
+            del table[room]
+        return value
+
+    # -- internal events ------------------------------------------------------------
+
+    async def leave_everywhere(self, user_id: str, chat_id: str) -> None:
+        """Every socket of ``user_id``, on every process, leaves the chat's room."""
+        await self.emit(
+            INTERNAL_LEAVE, {"chat_id": chat_id, "user_id": user_id}, namespace="/",
+            room=user_room(user_id),
+        )  # fmt: skip
+
+    async def _leave_chat_locally(self, namespace: str, payload: dict) -> None:
+        chat_id, user_id = payload.get("chat_id"), payload.get("user_id")
+        if not isinstance(chat_id, str) or not isinstance(user_id, str):
+            return
+        room = chat_room(chat_id)
+        for sid, _ in list(self.get_participants(namespace, user_room(user_id))):
+            # At once, before the next emit this process handles.
+            self.forget(sid, room)
+            await self.leave_room(sid, namespace, room)
+            if self.on_removed is not None:
+                # Presence talks to Redis: not on the listener's time.
+                task = asyncio.ensure_future(self.on_removed(sid, chat_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def start(self, wait: float = 5.0) -> None:
+        """Start listening now, not on the first connection as python-socketio
+        would: a client that joins right after a restart must not miss events
+        published before the subscription existed. Waits (up to ``wait`` s)
+        until Redis confirms the subscription; with Redis down it carries on
+        and the listener keeps retrying."""
+        if not self.server.manager_initialized:
+            self.server.manager_initialized = True
+            self.initialize()
+        ready = getattr(self, "subscribed", None)
+        if ready is not None:
+            try:
+                await asyncio.wait_for(ready.wait(), wait)
+            except TimeoutError:
+                log.warning("not subscribed to Redis yet; starting anyway (retrying)")
+
+    async def close(self) -> None:
+        """Stop the pubsub listener (python-socketio's shutdown leaves it running)."""
+        thread = getattr(self, "thread", None)
+        if thread is not None and not thread.done():
+            thread.cancel()
+            try:
+                await thread
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class LocalChatManager(ChatManagerMixin, AsyncPubSubManager):
+    """One process, no Redis: the same hooks, and nothing to publish to."""
+
+    name = "chatd-local"
+
+    def initialize(self):
+        AsyncManager.initialize(self)  # no listener: there is no queue
+
+    async def _publish(self, data):
+        return None
+
+
+class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
+    """python-socketio's Redis manager, made robust:
+
+    - publishing uses chatd's own Redis client (every call bounded by
+      REDIS_TIMEOUT), never the listener's connection, which has no read
+      timeout; a failed publish is logged and dropped (API.md: clients detect
+      the gap by seq and fetch it), it never fails the request that emitted;
+    - the listener pings an idle connection and reconnects when Redis stops
+      answering, with a short backoff, so a Redis restart or a silently dead
+      connection costs seconds of events, not delivery forever.
+    """
+
+    name = "chatd-redis"
+
+    def __init__(self, url: str, channel: str, publisher, connect_timeout: float, json=None):
+        super().__init__(
+            url,
+            channel=channel,
+            json=json,
+            redis_options={
+                "socket_connect_timeout": connect_timeout,
+                # Findable in CLIENT LIST (operators, and the tests' hiccup).
+                "client_name": f"chatd-sub-{os.getpid()}",
+            },
+        )
+        self.publisher = publisher
+        self._publish_failing_since = 0.0
+        self._publish_down_until = 0.0
+        # Set while Redis has confirmed our subscription.
+        self.subscribed = asyncio.Event()
+
+    async def _publish(self, data):
+        now = time.monotonic()
+        if now < self._publish_down_until:
+            # A circuit breaker: while Redis fails, emits do not each wait for
+            # REDIS_TIMEOUT (the request that emitted is already answered or
+            # about to be; the other processes miss the event either way).
+            return None
+        try:
+            return await self.publisher.publish(self.channel, self.json.dumps(data))
+        except (RedisError, OSError) as exc:
+            self._publish_down_until = time.monotonic() + PUBLISH_PAUSE
+            if now - self._publish_failing_since > 10:
+                log.warning("cannot publish to Redis (%s): other processes miss events", exc)
+                self._publish_failing_since = now
+            return None
+
+    async def _listen(self):
+        channel = self.channel.encode()
+        delay = LISTEN_RETRY[0]
+        failed = False
+        while True:
+            client = pubsub = None
+            try:
+                client = self._get_redis_module().Redis.from_url(
+                    self.redis_url, **self.redis_options
+                )
+                pubsub = client.pubsub()
+                await pubsub.subscribe(self.channel)
+                if failed:
+                    log.warning("listening to Redis again on %s", self.channel)
+                    failed = False
+                delay = LISTEN_RETRY[0]
+                pinged = False
+                while True:
+                    msg = await pubsub.get_message(timeout=LISTEN_PING_INTERVAL)
+                    if msg is None:
+                        if pinged:
+                            raise ConnectionError("Redis did not answer a ping in time")
+                        await pubsub.ping()
+                        pinged = True
+                        continue
+                    pinged = False
+                    if msg.get("type") == "message" and msg.get("channel") == channel:
+                        yield msg["data"]
+                    elif msg.get("type") == "subscribe":
+                        self.subscribed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.subscribed.clear()
+                if not failed:
+                    log.warning("Redis listener failed (%s); reconnecting", exc)
+                failed = True
+            finally:
+                for closing in (pubsub, client):
+                    if closing is not None:
+                        try:
+                            await closing.aclose()
+                        except Exception:
+                            pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY[1])
+
+
+# -- domain events -> emits ------------------------------------------------------
+
+
 class SocketEvents:
-    """chatd.events.Events, delivered to Socket.IO rooms."""
+    """chatd.events.Events, delivered to Socket.IO rooms (on every process)."""
 
     def __init__(self, sio: socketio.AsyncServer):
         self.sio = sio
@@ -90,13 +460,18 @@ class SocketEvents:
         await self.sio.emit("message-deleted", payload, room=chat_room(chat_id))
 
     async def member_removed(self, chat_id: str, user_id: str) -> None:
-        room = chat_room(chat_id)
-        for sid, _eio_sid in list(self.sio.manager.get_participants("/", user_room(user_id))):
-            await self.sio.leave_room(sid, room)
+        await self.sio.manager.leave_everywhere(user_id, chat_id)
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
         payload = {"chat_id": chat_id, "user_id": user_id, "seq": seq}
         await self.sio.emit("read", payload, room=chat_room(chat_id))
+
+    async def typing(self, chat_id: str, user_id: str) -> None:
+        # Every socket in the room but the typist's own, on every process.
+        await self.sio.manager.emit(
+            "typing", {"chat_id": chat_id, "user_id": user_id}, namespace="/",
+            room=chat_room(chat_id), skip_room=user_room(user_id),
+        )  # fmt: skip
 
 
 _ENVIRON_KEEP = frozenset(
@@ -118,16 +493,41 @@ class ChatNamespace(socketio.AsyncNamespace):
     """The default namespace. Event names have dashes (``join-chat``), so
     dispatch goes through a table rather than ``on_<name>`` methods."""
 
-    def __init__(self, domain: ChatService, verifier: TokenVerifier):
+    def __init__(
+        self,
+        domain: ChatService,
+        verifier: TokenVerifier,
+        presence: Presence | LocalPresence | None = None,
+    ):
         super().__init__("/")
         self.domain = domain
         self.verifier = verifier
+        self.presence = presence or LocalPresence()
+        self.presence.notify = self._announce
         self.users: dict[str, str] = {}  # sid -> user id, for this process's sockets
         self.handlers = {
             "join-chat": self.join_chat,
             "leave-chat": self.leave_chat,
             "send-message": self.send_message,
+            "typing": self.typing,
+            "mark-read": self.mark_read,
         }
+
+    def _set_server(self, server):
+        super()._set_server(server)
+        server.manager.on_removed = self._removed
+
+    @property
+    def manager(self) -> ChatManagerMixin:
+        return self.server.manager
+
+    def _in_room(self, sid: str, room: str) -> bool:
+        # One lookup (self.rooms(sid) walks every room of the namespace).
+        return sid in self.manager.rooms.get(self.namespace, {}).get(room, ())
+
+    async def _announce(self, chat_id: str, user_id: str, online: bool) -> None:
+        payload = {"chat_id": chat_id, "user_id": user_id, "online": online}
+        await self.emit("presence", payload, room=chat_room(chat_id))
 
     async def trigger_event(self, event: str, *args):
         if event == "connect":
@@ -173,7 +573,13 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def on_disconnect(self, sid: str, reason: object = None):
         user_id = self.users.pop(sid, None)
+        self.manager.forget(sid)
+        await self.presence.leave_all(sid)
         log.debug("socket %s (%s) disconnected: %s", sid, user_id, reason)
+
+    async def _removed(self, sid: str, chat_id: str) -> None:
+        """A member removal made this local socket leave the chat's room."""
+        await self.presence.leave(chat_id, sid)
 
     async def join_chat(self, sid: str, user_id: str, payload: object) -> dict:
         since_seq = None
@@ -187,13 +593,34 @@ class ChatNamespace(socketio.AsyncNamespace):
         # Check first (a refused socket never enters the room), then join, then
         # read what was missed: whatever commits after that read is emitted to
         # a room the socket is already in, so join-then-listen leaves no hole.
+        # A message committed between entering and reading would reach the
+        # socket twice (in `missed` and as an event), so with since_seq the
+        # socket's new-message events of this chat are held back until the ack
+        # is out, and then only those above what the ack covered are sent.
         await self.domain.readable(user_id, chat_id)
+        if since_seq is not None:
+            self.manager.hold(sid, room)
         await self.enter_room(sid, room)
         try:
             state = await self.domain.catch_up(user_id, chat_id, since_seq)
-        except ApiError:
+        except BaseException:
+            # Not readable any more (removed meanwhile), or the store failed.
+            self.manager.forget(sid, room)
             await self.leave_room(sid, room)
+            await self.presence.leave(chat_id, sid)
             raise
+        if since_seq is not None:
+
+            async def release() -> None:
+                await self.manager.release(sid, room, state.covered)
+
+            if not after_ack(release):
+                await release()
+        await self.presence.join(chat_id, user_id, sid)
+        if sid not in self.users:
+            # Disconnected while joining: its disconnect could not count this.
+            self.manager.forget(sid)
+            await self.presence.leave(chat_id, sid)
         return {
             "ok": True,
             "chat_id": chat_id,
@@ -204,7 +631,27 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def leave_chat(self, sid: str, user_id: str, payload: object) -> dict:
         chat_id = _chat_id_of(payload)
+        self.manager.forget(sid, chat_room(chat_id))
         await self.leave_room(sid, chat_room(chat_id))
+        await self.presence.leave(chat_id, sid)
+        return {"ok": True, "chat_id": chat_id}
+
+    async def typing(self, sid: str, user_id: str, payload: object) -> dict:
+        if not isinstance(payload, dict):
+            raise BadRequest("typing takes {chat_id}")
+        chat_id = _chat_id_of(payload)
+        # The room is the proof of read access: join-chat lets only readers in,
+        # and removing a member takes their sockets out (as the original did).
+        if not self._in_room(sid, chat_room(chat_id)):
+            raise Forbidden("join the chat first")
+        sent = await self.domain.typing(user_id, chat_id)
+        return {"ok": True, "chat_id": chat_id, "sent": sent}
+
+    async def mark_read(self, sid: str, user_id: str, payload: object) -> dict:
+        if not isinstance(payload, dict):
+            raise BadRequest("mark-read takes {chat_id, seq}")
+        chat_id = _chat_id_of(payload)
+        await self.domain.mark_read(user_id, chat_id, payload.get("seq"))
         return {"ok": True, "chat_id": chat_id}
 
     async def send_message(self, sid: str, user_id: str, payload: object) -> dict:

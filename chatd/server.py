@@ -17,7 +17,7 @@ import tornado.iostream
 import tornado.web
 import tornado.websocket
 
-from . import cache, config, delivery, migrations, realtime, web
+from . import cache, config, migrations, presence, realtime, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -46,6 +46,7 @@ class Chatd:
         self.redis = None
         self.sio: socketio.AsyncServer | None = None
         self.domain: ChatService | None = None
+        self.presence: presence.Presence | presence.LocalPresence | None = None
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
 
@@ -61,23 +62,35 @@ class Chatd:
         else:
             log.warning("no REDIS_URL/REDIS_HOST: no page cache, and one process only")
         page_cache = cache.PageCache(self.redis, s.redis_prefix, s.cache_rows, s.cache_ttl)
-        manager = delivery.LocalManager()
+        manager = None  # realtime.create_server: one process, rooms in memory
         if s.redis_url:
             # Emits go through Redis to every chatd process sharing it, so a
             # room's sockets get an event wherever they are connected.
-            manager = delivery.RedisManager(
+            manager = realtime.RedisChatManager(
                 s.redis_url,
-                channel=s.socketio_channel,
+                s.socketio_channel,
+                publisher=self.redis,
+                connect_timeout=s.redis_timeout,
                 json=realtime.OrjsonPackets,
-                redis_options={"socket_connect_timeout": s.redis_timeout},
             )
+            self.presence = presence.Presence(self.redis, s.redis_prefix, s.presence_ttl)
+        else:
+            self.presence = presence.LocalPresence()
         self.sio = realtime.create_server(s.cors_origins, manager)
         events = realtime.SocketEvents(self.sio)
-        self.domain = ChatService(self.storage, page_cache, events, s.max_message_length)
+        self.domain = ChatService(
+            self.storage,
+            page_cache,
+            events,
+            s.max_message_length,
+            gate=presence.Gate(self.redis, s.redis_prefix),
+        )
         verifier = TokenVerifier(
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer
         )
-        self.sio.register_namespace(realtime.ChatNamespace(self.domain, verifier))
+        self.sio.register_namespace(realtime.ChatNamespace(self.domain, verifier, self.presence))
+        await self.sio.manager.start(s.redis_timeout + 1)
+        await self.presence.start()
         ctx = web.Context(
             domain=self.domain,
             verifier=verifier,
@@ -164,9 +177,12 @@ class Chatd:
     async def stop(self) -> None:
         if self.http is not None:
             self.http.stop()
+        if self.presence is not None:
+            await self.presence.close()  # goodbye: our users offline now, not after the TTL
         if self.sio is not None:
             try:
                 await self.sio.shutdown()
+                await self.sio.manager.close()
             except Exception:  # pragma: no cover - best effort at exit
                 log.debug("socket.io shutdown", exc_info=True)
         if self.http is not None:
