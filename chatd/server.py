@@ -1,35 +1,86 @@
 """The chatd daemon: configuration, the stores, one Tornado app with the REST
-API and Socket.IO on one port, and an orderly stop on SIGTERM/SIGINT."""
+API and Socket.IO on one port, and an orderly stop on SIGTERM/SIGINT.
+
+Start: with no database configured, the embedded PostgreSQL and Redis start
+first (chatd.embedded, blocking, before the event loop exists); then the
+pools, the app, the listening socket, and ``READY=1`` to systemd.
+
+Stop (SIGTERM or SIGINT), in this order, so that nothing answered is lost:
+
+1. ``STOPPING=1``; the listening socket closes (no new connections) and
+   answers from now on carry ``Connection: close``;
+2. every Socket.IO connection is closed at the transport level: clients see a
+   "transport close" and their auto-reconnect takes them to another process
+   (a Socket.IO DISCONNECT packet would tell them *not* to reconnect);
+3. in-flight REST requests get up to ``SHUTDOWN_TIMEOUT`` seconds to finish:
+   a send that commits is still answered 201;
+4. remaining connections close, background cache writes finish, the pools
+   close, the embedded servers (if any) shut down, exit status 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import socket
 import sys
+import time
 
 import socketio
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
-from . import cache, config, migrations, realtime, web
+from . import cache, config, embedded, migrations, realtime, sdnotify, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
+from .metrics import CountingEvents, Metrics
 from .storage import Storage
 
 log = logging.getLogger("chatd")
 
+# Attributes every LogRecord has; anything else was passed in ``extra=``.
+_RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, with the ``extra=`` fields
+    (request_id, route, status, ...) as keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_KEYS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
 
 def setup_logging(settings: config.Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
     # Tornado's access log is replaced by chatd's own request line (web.log_request).
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # Libraries' debug output can carry connection strings and frames with tokens
+    # in them: chatd's own loggers go to LOG_LEVEL, the libraries stay at INFO.
+    for name in ("asyncio", "tornado", "engineio", "socketio", "aiopg", "redis", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 class Chatd:
@@ -43,6 +94,8 @@ class Chatd:
         self.domain: ChatService | None = None
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
+        self.metrics = Metrics()
+        self.ctx: web.Context | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -67,17 +120,23 @@ class Chatd:
                 redis_options={"socket_connect_timeout": s.redis_timeout},
             )
         self.sio = realtime.create_server(s.cors_origins, manager)
-        events = realtime.SocketEvents(self.sio)
+        events = CountingEvents(realtime.SocketEvents(self.sio), self.metrics)
         self.domain = ChatService(self.storage, page_cache, events, s.max_message_length)
+        self.metrics.watch(
+            sockets=lambda: len(self.sio.eio.sockets),
+            cache=page_cache,
+            pool=lambda: self.storage.pool_stats,
+        )
         verifier = TokenVerifier(
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer
         )
         self.sio.register_namespace(realtime.ChatNamespace(self.domain, verifier))
-        ctx = web.Context(
+        self.ctx = ctx = web.Context(
             domain=self.domain,
             verifier=verifier,
             cors_origins=s.cors_origins,
             readiness=self.readiness,
+            metrics=self.metrics,
         )
         app = web.make_app(ctx, self._socket_handler(), log_function=web.log_request)
         ssl_options = None
@@ -135,20 +194,39 @@ class Chatd:
         return sorted(down)
 
     async def stop(self) -> None:
+        """Drain and close (see the module docstring for the order)."""
+        timeout = self.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout
         if self.http is not None:
-            self.http.stop()
+            self.http.stop()  # closes the listening sockets only
+        if self.ctx is not None:
+            self.ctx.inflight.draining = True
         if self.sio is not None:
+            sockets = len(self.sio.eio.sockets)
             try:
+                # Transport-level close: clients reconnect (to another process).
+                if self.sio.eio.sockets:
+                    await asyncio.wait_for(self.sio.eio.disconnect(), max(timeout, 1.0))
                 await self.sio.shutdown()
             except Exception:  # pragma: no cover - best effort at exit
-                log.debug("socket.io shutdown", exc_info=True)
+                log.warning("closing the Socket.IO connections failed", exc_info=True)
+            if sockets:
+                log.info("closed %d socket(s) so that they reconnect elsewhere", sockets)
+        if self.ctx is not None:
+            left = self.ctx.inflight.count
+            if left:
+                log.info("waiting up to %.1fs for %d request(s) in flight", timeout, left)
+            if not await self.ctx.inflight.wait_idle(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "%d request(s) still in flight after %ss: closing their connections",
+                    self.ctx.inflight.count,
+                    timeout,
+                )
         if self.http is not None:
             try:
-                await asyncio.wait_for(
-                    self.http.close_all_connections(), self.settings.shutdown_timeout
-                )
+                await asyncio.wait_for(self.http.close_all_connections(), 5.0)
             except TimeoutError:
-                log.warning("connections still open after %ss", self.settings.shutdown_timeout)
+                log.warning("connections still open at exit")
         if self.domain is not None:
             await self.domain.drain()
         if self.storage is not None:
@@ -166,19 +244,50 @@ def check_schema(settings: config.Settings) -> None:
         )
 
 
-async def serve(settings: config.Settings) -> None:
+async def _watchdog(interval: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def serve(settings: config.Settings, hint: str | None = None) -> None:
     daemon = Chatd(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        received.append(sig.name)
+        sdnotify.notify("STOPPING=1")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    watchdog = None
     try:
         await daemon.start()
+        if hint:
+            log.info("%s", hint)
+        sdnotify.notify(f"READY=1\nSTATUS=listening on port {daemon.port}")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            watchdog = asyncio.ensure_future(_watchdog(interval))
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping (%s)", received[0] if received else "stop")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         await daemon.stop()
     log.info("stopped")
+
+
+def _token_hint(settings: config.Settings) -> str:
+    where = ""
+    if settings.data_dir and embedded.Path(settings.data_dir) != embedded.default_data_dir():
+        where = f"CHATD_DATA_DIR={settings.data_dir} "
+    return f"get an access token with: {where}chatctl token USER"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,15 +297,36 @@ def main(argv: list[str] | None = None) -> None:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
     setup_logging(settings)
+    servers: embedded.EmbeddedServers | None = None
+    hint = None
     try:
-        if settings.database_url is not None:
+        if settings.database_url is None:
+            # The embedded default. Started here, before the event loop exists,
+            # so initdb and the waits block nothing; stopped after it is gone.
+            settings, created = embedded.resolve(settings, create=True)
+            servers = embedded.EmbeddedServers(
+                embedded.Path(settings.data_dir), with_redis=settings.redis_url.startswith("unix:")
+            )
+            log.info("no database configured: embedded PostgreSQL and Redis in %s",
+                     settings.data_dir)  # fmt: skip
+            if created:
+                log.info("created an access token secret in %s (mode 0600)",
+                         servers.layout.secret_file)  # fmt: skip
+            if servers.layout.secret_file.is_file():
+                hint = _token_hint(settings)
+            servers.start()
+        else:
             check_schema(settings)
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, hint))
     except config.ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
-    except (Unavailable, migrations.MigrationError) as exc:
+    except (Unavailable, migrations.MigrationError, embedded.EmbeddedError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
     except KeyboardInterrupt:
         pass
+    finally:
+        if servers is not None:
+            servers.stop()
+            log.info("embedded PostgreSQL and Redis stopped")
