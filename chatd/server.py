@@ -205,8 +205,7 @@ class Chatd:
             sockets = len(self.sio.eio.sockets)
             try:
                 # Transport-level close: clients reconnect (to another process).
-                if self.sio.eio.sockets:
-                    await asyncio.wait_for(self.sio.eio.disconnect(), max(timeout, 1.0))
+                await asyncio.wait_for(_close_for_reconnect(self.sio), max(timeout, 1.0))
                 await self.sio.shutdown()
             except Exception:  # pragma: no cover - best effort at exit
                 log.warning("closing the Socket.IO connections failed", exc_info=True)
@@ -233,6 +232,25 @@ class Chatd:
             await self.storage.close()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+async def _close_for_reconnect(sio: socketio.AsyncServer) -> None:
+    """Close every Engine.IO connection so that its client reconnects.
+
+    ``eio.disconnect()`` would first send an Engine.IO CLOSE packet, which
+    clients take as "the server is done with me" (python-socketio does not
+    reconnect after it). Closing the transport itself instead, a websocket
+    close frame or the end of a poll, is a "transport close", after which
+    socket.io-client and python-socketio both reconnect, through the load
+    balancer to a process that is still up. The server-side disconnect
+    handlers run as for any disconnect."""
+    for sid, eio_socket in list(sio.eio.sockets.items()):
+        try:
+            await eio_socket.close(wait=False, abort=True)  # handlers; no CLOSE packet
+            await eio_socket.queue.put(None)  # the writer ends and closes the transport
+        except Exception:  # pragma: no cover - a socket already going away
+            log.debug("closing socket %s", sid, exc_info=True)
+        sio.eio.sockets.pop(sid, None)
 
 
 def check_schema(settings: config.Settings) -> None:

@@ -175,6 +175,16 @@ def api(chatd) -> Api:
 
 
 @pytest.fixture
+def unused_port() -> int:
+    """A TCP port free right now (for tests that restart a process on the same port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
 def chat_id() -> str:
     """A chat id no other test uses."""
     return f"t-{uuid.uuid4().hex[:16]}"
@@ -195,7 +205,7 @@ def spawn(database_url, redis_prefix):
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
         }
-        base.update({k: str(v) for k, v in env.items()})
+        base.update({k: (None if v is None else str(v)) for k, v in env.items()})
         proc = ChatdProcess.start(base)
         started.append(proc)
         return proc
