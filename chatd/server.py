@@ -77,10 +77,6 @@ def setup_logging(settings: config.Settings) -> None:
     root.setLevel(settings.log_level)
     # Tornado's access log is replaced by chatd's own request line (web.log_request).
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    # Libraries' debug output can carry connection strings and frames with tokens
-    # in them: chatd's own loggers go to LOG_LEVEL, the libraries stay at INFO.
-    for name in ("asyncio", "tornado", "engineio", "socketio", "aiopg", "redis", "urllib3"):
-        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 class Chatd:

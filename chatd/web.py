@@ -82,12 +82,16 @@ class Inflight:
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
+def request_id_from(given: str | None) -> str | None:
+    """A client's request id if it is sane, else None."""
+    return given if given and _REQUEST_ID_RE.match(given) else None
+
+
 def request_id_of(request) -> str:
     """The request's id: the client's X-Request-Id if sane, else a new one (cached)."""
     rid = getattr(request, "_chatd_request_id", None)
     if rid is None:
-        given = request.headers.get("X-Request-Id", "")
-        rid = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        rid = request_id_from(request.headers.get("X-Request-Id")) or uuid.uuid4().hex
         request._chatd_request_id = rid
     return rid
 
