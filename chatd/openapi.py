@@ -74,7 +74,7 @@ SCHEMAS = {
                     "role": {"type": "string", "enum": ["owner", "admin", "member"]},
                     "last_read_seq": _SAFE_INT,
                     "unread_count": _SAFE_INT,
-                    "last_message": {"allOf": [_ref("Message")], "nullable": True},
+                    "last_message": {"$ref": "#/components/schemas/NullableMessage"},
                 },
             },
         ]
@@ -142,6 +142,10 @@ SCHEMAS = {
     },
     "MarkRead": {"type": "object", "required": ["seq"], "properties": {"seq": _SAFE_INT}},
 }  # fmt: skip
+
+# OpenAPI 3.0 ignores "nullable" next to a $ref or allOf: a nullable Message is
+# a copy of Message that says so (last_message of a chat without messages).
+SCHEMAS["NullableMessage"] = {**SCHEMAS["Message"], "nullable": True}
 
 _ERROR_TEXT = {
     400: "invalid_json or validation_error",
