@@ -288,6 +288,7 @@ class EmbeddedServers:
         """Blocking (initdb takes seconds): call before the event loop runs, or in a
         thread. Starts both, creates the database, applies the migrations."""
         started = time.monotonic()
+        self._initialised = False
         try:
             self._start_postgres()
             if self.with_redis:
@@ -297,12 +298,15 @@ class EmbeddedServers:
         except BaseException:
             self.stop()
             raise
+        notes = ["new database"] if self._initialised else []
         if applied:
-            log.info("embedded database: applied %d migration(s)", len(applied))
+            notes.append(f"{len(applied)} migration(s) applied")
         log.info(
-            "embedded PostgreSQL and Redis ready in %s (%.1fs)",
+            "no database configured: embedded PostgreSQL%s ready in %s (%.1fs%s)",
+            " and Redis" if self.with_redis else "",
             self.layout.root,
             time.monotonic() - started,
+            "".join(", " + n for n in notes),
         )
 
     def _open_log(self, name: str):
@@ -345,7 +349,8 @@ class EmbeddedServers:
             pgdata.mkdir(mode=0o700)
             if user is not None:
                 os.chown(pgdata, user.pw_uid, user.pw_gid)
-            log.info("embedded PostgreSQL: initialising %s", pgdata)
+            log.debug("embedded PostgreSQL: initialising %s", pgdata)
+            self._initialised = True
             result = subprocess.run(
                 [str(bin_dir / "initdb"), "-D", str(pgdata), "--auth=trust",
                  "--username=postgres", "--encoding=UTF8", "--no-instructions"],

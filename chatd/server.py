@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import socket
 import sys
@@ -301,7 +302,11 @@ def _token_hint(settings: config.Settings) -> str:
     where = ""
     if settings.data_dir and embedded.Path(settings.data_dir) != embedded.default_data_dir():
         where = f"CHATD_DATA_DIR={settings.data_dir} "
-    return f"get an access token with: {where}chatctl token USER"
+    chatctl = "chatctl"
+    beside = embedded.Path(sys.executable).parent / "chatctl"
+    if shutil.which("chatctl") is None and beside.is_file():
+        chatctl = str(beside)  # not on PATH (e.g. started by scripts/run.sh)
+    return f"get an access token with: {where}{chatctl} token USER"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,13 +326,10 @@ def main(argv: list[str] | None = None) -> None:
             servers = embedded.EmbeddedServers(
                 embedded.Path(settings.data_dir), with_redis=settings.redis_url.startswith("unix:")
             )
-            log.info("no database configured: embedded PostgreSQL and Redis in %s",
-                     settings.data_dir)  # fmt: skip
-            if created:
-                log.info("created an access token secret in %s (mode 0600)",
-                         servers.layout.secret_file)  # fmt: skip
             if servers.layout.secret_file.is_file():
                 hint = _token_hint(settings)
+                if created:
+                    hint += f" (new secret in {servers.layout.secret_file}, mode 0600)"
             servers.start()
         else:
             check_schema(settings)

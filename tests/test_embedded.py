@@ -92,7 +92,7 @@ async def test_zero_setup_start_token_restart_and_no_orphans(data_dir, chat_id):
     try:
         lines = proc.log().splitlines()
         listen = next(i for i, line in enumerate(lines) if "listening on" in line)
-        assert "chatctl token USER" in lines[listen + 1]
+        assert "chatctl token USER" in lines[listen + 1], lines
         assert stat.S_IMODE((data_dir / "access_token_secret").stat().st_mode) == 0o600
         servers = {p.name() for p in _children(proc)}
         assert {"postgres", "redis-server"} <= servers, servers
