@@ -323,8 +323,10 @@ def main(argv: list[str] | None = None) -> None:
             # The embedded default. Started here, before the event loop exists,
             # so initdb and the waits block nothing; stopped after it is gone.
             settings, created = embedded.resolve(settings, create=True)
+            layout = embedded.Layout(embedded.Path(settings.data_dir))
+            # A configured REDIS_URL is used as it is; otherwise Redis is embedded too.
             servers = embedded.EmbeddedServers(
-                embedded.Path(settings.data_dir), with_redis=settings.redis_url.startswith("unix:")
+                layout.root, with_redis=settings.redis_url == layout.redis_url
             )
             if servers.layout.secret_file.is_file():
                 hint = _token_hint(settings)
