@@ -220,11 +220,10 @@ def _child_setup(user: pwd.struct_passwd | None, death_signal: int, parent: int)
     return setup
 
 
-def _server_user() -> pwd.struct_passwd | None:
+def _server_user(name: str) -> pwd.struct_passwd | None:
     """The user PostgreSQL runs as: None (chatd's own) unless chatd is root."""
     if os.geteuid() != 0:
         return None
-    name = os.environ.get("CHATD_EMBEDDED_USER", "chatd")
     try:
         return pwd.getpwnam(name)
     except KeyError:
@@ -263,8 +262,16 @@ def _tail(path: Path, lines: int = 5) -> str:
 class EmbeddedServers:
     """PostgreSQL and Redis as child processes of this chatd, for one data folder."""
 
-    def __init__(self, data_dir: Path, *, durable: bool = True, with_redis: bool = True):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durable: bool = True,
+        with_redis: bool = True,
+        user: str = "chatd",
+    ):
         self.layout = Layout(Path(data_dir))
+        self.user = user
         self.durable = durable  # False (tests): fsync off, for speed
         self.with_redis = with_redis
         self.postgres: subprocess.Popen | None = None
@@ -328,7 +335,7 @@ class EmbeddedServers:
 
     def _start_postgres(self) -> None:
         root, pgdata = self.layout.root, self.layout.pgdata
-        user = _server_user()
+        user = _server_user(self.user)
         root.mkdir(parents=True, exist_ok=True)
         bin_dir = pg_bin_dir()
         if not (bin_dir / "postgres").is_file():

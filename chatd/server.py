@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
             layout = embedded.Layout(embedded.Path(settings.data_dir))
             # A configured REDIS_URL is used as it is; otherwise Redis is embedded too.
             servers = embedded.EmbeddedServers(
-                layout.root, with_redis=settings.redis_url == layout.redis_url
+                layout.root,
+                with_redis=settings.redis_url == layout.redis_url,
+                user=settings.embedded_user,
             )
             if servers.layout.secret_file.is_file():
                 hint = _token_hint(settings)
