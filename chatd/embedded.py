@@ -252,6 +252,18 @@ def _grant_search(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
+def _private_dir(path: Path, owner: pwd.struct_passwd | None = None) -> None:
+    """Create ``path`` 0700 for ``owner`` (default: us); refuse one that someone
+    else made first (in /tmp, that would hand them the servers' sockets)."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    if owner is not None and os.geteuid() == 0:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    st = path.lstat()
+    uid = owner.pw_uid if owner is not None else os.geteuid()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise EmbeddedError(f"{path} must be a folder of uid {uid} with mode 0700")
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -369,9 +381,7 @@ class EmbeddedServers:
                 err = result.stderr.decode(errors="replace").strip().splitlines()
                 raise EmbeddedError(f"initdb failed: {err[-1] if err else result.returncode}")
         if sock_dir != pgdata:
-            sock_dir.mkdir(mode=0o700, exist_ok=True)
-            if user is not None:
-                os.chown(sock_dir, user.pw_uid, user.pw_gid)
+            _private_dir(sock_dir, user)
         argv = [
             str(bin_dir / "postgres"), "-D", str(pgdata),
             "-c", "listen_addresses=",  # Unix socket only
@@ -424,7 +434,7 @@ class EmbeddedServers:
         rdir.mkdir(mode=0o700, exist_ok=True)
         sock = self.layout.redis_socket
         if sock.parent != rdir:
-            sock.parent.mkdir(mode=0o700, exist_ok=True)
+            _private_dir(sock.parent)
         server = redis_server_bin()
         if not server.is_file():
             raise EmbeddedError(f"no redis-server in {server.parent}")

@@ -309,6 +309,14 @@ def _token_hint(settings: config.Settings) -> str:
     return f"get an access token with: {where}{chatctl} token USER"
 
 
+class _StopStarting(BaseException):
+    """SIGTERM before the event loop runs (during the embedded start-up)."""
+
+
+def _stop_starting(signum, frame) -> None:
+    raise _StopStarting
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = config.load()
@@ -334,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
                 hint = _token_hint(settings)
                 if created:
                     hint += f" (new secret in {servers.layout.secret_file}, mode 0600)"
+            sdnotify.notify("STATUS=starting the embedded PostgreSQL and Redis")
+            # Until the event loop takes over SIGTERM, it stops the start-up
+            # cleanly: start() stops what it started, and main() exits 0.
+            signal.signal(signal.SIGTERM, _stop_starting)
             servers.start()
         else:
             check_schema(settings)
@@ -344,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     except (Unavailable, migrations.MigrationError, embedded.EmbeddedError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, _StopStarting):
+        log.info("stopped during start-up")
     finally:
         if servers is not None:
             servers.stop()

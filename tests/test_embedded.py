@@ -157,3 +157,32 @@ def test_interrupted_first_start_is_cleaned_up_on_the_next(data_dir):
     finally:
         servers.stop()
     assert servers.postgres is None
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_embedded_start_exits_cleanly(data_dir):
+    """Before the event loop runs, SIGTERM still stops what was started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+    for name in ("DATABASE_URL", "ACCESS_TOKEN_SECRET"):
+        env.pop(name, None)
+    env.update(CHATD_DATA_DIR=str(data_dir), CHATPORT="0", CHATD_HOST="127.0.0.1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd"], env=env, cwd=str(data_dir.parent),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        children: list[psutil.Process] = []
+        while not children and time.monotonic() < deadline and proc.poll() is None:
+            children = [c for c in parent.children() if c.name() == "postgres"]
+            time.sleep(0.005)
+        assert children, "the embedded PostgreSQL never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"orphans: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -19,7 +19,7 @@ from chatd.openapi import document
 from chatd.server import Chatd
 
 from .conftest import fresh_database
-from .helpers import Api
+from .helpers import Api, token
 
 BIG = b'{"content": "' + b"x" * (70 * 1024) + b'"}'
 DOC = document()
@@ -190,6 +190,28 @@ async def test_every_documented_response_code_is_produced(api):
             _check(resp, route, method, code, op)
             checked += 1
     assert checked >= 60
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_what_malformed_requests_get_is_documented(api):
+    """The other direction: bad input of every kind gets a documented code (and
+    never a 500)."""
+    world = World(api)
+    await world.setup()
+    expired = f"Bearer {token('alice', ttl=-10)}"
+    for route, method, op in _operations():
+        documented = {int(c) for c in op["responses"]}
+        path = _path(route, world)
+        probes = [
+            dict(raw=b"{not json"),
+            dict(raw=b"[1, 2]"),
+            dict(raw=b'{"content": 5, "title": [], "seq": -1, "role": 7}'),
+            dict(raw=b"", auth=expired),
+            dict(raw=b"", auth="Basic YWxpY2U6eA=="),
+        ]
+        for probe in probes:
+            resp = await api.request(method, path + "?limit=x&id=-1", **probe)
+            assert resp.status in documented, (method, route, probe, resp)
 
 
 @pytest.mark.gen_test(timeout=60)
