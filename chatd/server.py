@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,33 @@ log = logging.getLogger("chatd")
 _RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+# Belt and braces: chatd logs paths without query strings and never headers,
+# but a library's message or a traceback could quote a URL or a header. Tokens
+# in ``token=``/``access_token=`` parameters, after ``Bearer`` and JWT-shaped
+# strings are masked in every line, whatever logged it.
+_SECRET_RES = (
+    (re.compile(r"((?:access_)?token=)[^&\s'\"]+", re.I), r"\1***"),
+    (re.compile(r"(Bearer\s+)[^\s'\",]+", re.I), r"\1***"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"), "<jwt>"),
+)
+
+
+_LITERAL_SECRETS: set[str] = set()
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_RES:
+        text = pattern.sub(replacement, text)
+    for secret in _LITERAL_SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     """LOG_FORMAT=json: one JSON object per line, with the ``extra=`` fields
     (request_id, route, status, ...) as keys of their own."""
@@ -64,7 +92,13 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return redact(json.dumps(out, default=str, ensure_ascii=False))
+
+
+def _password(url: str | None) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(url).password or "") if url else None
 
 
 def setup_logging(settings: config.Settings) -> None:
@@ -72,7 +106,11 @@ def setup_logging(settings: config.Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for secret in (settings.access_token_secret, _password(settings.database_url),
+                   _password(settings.redis_url)):  # fmt: skip
+        if secret and len(secret) >= 4:
+            _LITERAL_SECRETS.add(secret)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -331,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             # The embedded default. Started here, before the event loop exists,
             # so initdb and the waits block nothing; stopped after it is gone.
             settings, created = embedded.resolve(settings, create=True)
+            setup_logging(settings)  # again: now it knows the embedded secret, to mask it
             layout = embedded.Layout(embedded.Path(settings.data_dir))
             # A configured REDIS_URL is used as it is; otherwise Redis is embedded too.
             servers = embedded.EmbeddedServers(

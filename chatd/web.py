@@ -228,7 +228,15 @@ class BaseHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, (ApiError, tornado.web.HTTPError)):
             return  # an answer, not a fault
-        super().log_exception(typ, value, tb)
+        # Tornado's own line quotes the full URI (query string included); this
+        # one has the path only, like the access log.
+        log.error(
+            "uncaught exception in %s %s rid=%s",
+            self.request.method,
+            self.request.path,
+            request_id_of(self.request),
+            exc_info=(typ, value, tb),
+        )
 
 
 def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:

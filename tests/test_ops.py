@@ -104,6 +104,16 @@ async def test_metrics_count_routes_by_pattern_messages_sockets_cache_and_pool(c
     assert ("chatd_db_pool_in_use", ()) in got
 
 
+def test_log_lines_mask_tokens_whatever_logged_them():
+    from chatd.server import redact
+
+    tok = token("alice")
+    line = f"GET /socket.io/?EIO=4&token={tok}&x=1 Authorization: Bearer {tok} {tok}"
+    out = redact(line)
+    assert tok not in out and tok.split(".")[2] not in out
+    assert "token=***&x=1" in out and "Bearer ***" in out
+
+
 def test_each_app_has_its_own_registry():
     a, b = Metrics(), Metrics()  # the global registry would refuse the second
     a.observe("/chats", "GET", 200, 0.01)
