@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         if settings.database_url is None:
             # The embedded default. Started here, before the event loop exists,
             # so initdb and the waits block nothing; stopped after it is gone.
+            secret_configured = bool(settings.access_token_secret)
             settings, created = embedded.resolve(settings, create=True)
             setup_logging(settings)  # again: now it knows the embedded secret, to mask it
             layout = embedded.Layout(embedded.Path(settings.data_dir))
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                 with_redis=settings.redis_url == layout.redis_url,
                 user=settings.embedded_user,
             )
-            if servers.layout.secret_file.is_file():
+            if not secret_configured:  # the data folder's secret: chatctl finds it there
                 hint = _token_hint(settings)
                 if created:
                     hint += f" (new secret in {servers.layout.secret_file}, mode 0600)"

@@ -186,3 +186,38 @@ def test_sigterm_during_the_embedded_start_exits_cleanly(data_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (Path(__file__).resolve().parent.parent / ".venv").resolve(),
+    reason="scripts/run.sh manages the checkout's .venv, which is not this interpreter's",
+)
+def test_readme_run_command_starts_the_embedded_default_and_says_how_to_get_a_token(data_dir):
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+    for name in ("DATABASE_URL", "ACCESS_TOKEN_SECRET"):
+        env.pop(name, None)
+    env.update(CHATD_DATA_DIR=str(data_dir), CHATPORT="0", CHATD_HOST="127.0.0.1")
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(root / "scripts" / "run.sh")], env=env, cwd=str(data_dir.parent),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "token USER" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        lines = log_path.read_text().splitlines()
+        assert "listening on http://127.0.0.1:" in "\n".join(lines[:3]), lines
+        assert "chatctl token USER" in "\n".join(lines[:3]), lines
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(60) == 0
+        assert "embedded PostgreSQL and Redis stopped" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log_path.unlink(missing_ok=True)
