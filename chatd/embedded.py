@@ -49,6 +49,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -212,8 +213,9 @@ def _child_setup(user: pwd.struct_passwd | None, death_signal: int, parent: int)
             os.setgid(user.pw_gid)
             os.setgroups([])
             os.setuid(user.pw_uid)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        if sys.platform.startswith("linux"):  # elsewhere: no prctl, stop() only
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
         if os.getppid() != parent:  # chatd died before prctl: nobody will signal us
             os._exit(1)
 
