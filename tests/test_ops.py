@@ -253,7 +253,6 @@ async def test_socketio_polling_handshake_honours_frontendaddres(cors_chatd):
 @pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_tls_serves_https_and_wss_on_one_port(spawn, tmp_path, chat_id):
-    import aiohttp
     import trustme
 
     ca = trustme.CA()
@@ -297,4 +296,3 @@ async def test_tls_serves_https_and_wss_on_one_port(spawn, tmp_path, chat_id):
     with pytest.raises(socketio.exceptions.ConnectionError):
         await untrusting.connect(proc.url, auth={"token": token("alice")},
                                  transports=["websocket"], wait_timeout=5)  # fmt: skip
-    del aiohttp
