@@ -117,6 +117,12 @@ class BaseHandler(tornado.web.RequestHandler):
         # runs, so those that depend on ctx are set again now.
         self.set_default_headers()
 
+    def finish(self, chunk=None):
+        if self.ctx.inflight.draining and not self._headers_written:
+            # Answered during a stop: tell keep-alive clients to go elsewhere.
+            self.set_header("Connection", "close")
+        return super().finish(chunk)
+
     def on_finish(self) -> None:
         if self._counted:
             self._counted = False
@@ -130,8 +136,6 @@ class BaseHandler(tornado.web.RequestHandler):
         ctx = getattr(self, "ctx", None)
         if ctx is None:
             return
-        if ctx.inflight.draining:
-            self.set_header("Connection", "close")
         if _origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
             self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 
+import aiohttp
 import psycopg2
 import pytest
 import socketio
@@ -82,9 +83,18 @@ async def test_sigterm_finishes_in_flight_sends_and_closes_sockets(
     blocker = psycopg2.connect(database_url)
     cur = blocker.cursor()
     cur.execute("SELECT 1 FROM chats WHERE id = %s FOR UPDATE", (chat_id,))
-    sends = [
-        asyncio.ensure_future(api.send(chat_id, f"in flight {i}", user="alice")) for i in range(8)
-    ]
+    # aiohttp keeps connections alive (Tornado's client always asks to close).
+    session = aiohttp.ClientSession()
+    headers = {"Authorization": f"Bearer {token('alice')}"}
+
+    async def send(i: int):
+        async with session.post(
+            f"{proc.url}/chats/{chat_id}/messages", json={"content": f"in flight {i}"},
+            headers=headers,
+        ) as resp:  # fmt: skip
+            return resp.status, resp.headers.get("Connection"), await resp.json()
+
+    sends = [asyncio.ensure_future(send(i)) for i in range(8)]
     try:
         await _until(lambda: _waiting_on_lock(database_url) >= 8)
         proc.signal(signal.SIGTERM)
@@ -94,11 +104,16 @@ async def test_sigterm_finishes_in_flight_sends_and_closes_sockets(
     finally:
         blocker.rollback()  # let them commit
         blocker.close()
-    answers = await asyncio.gather(*sends)
-    assert [a.status for a in answers] == [201] * 8, answers
+    try:
+        answers = await asyncio.gather(*sends)
+    finally:
+        await session.close()
+    assert [status for status, _c, _b in answers] == [201] * 8, answers
+    # Answered while draining: keep-alive clients are told to go elsewhere.
+    assert [conn for _s, conn, _b in answers] == ["close"] * 8
     assert await asyncio.to_thread(proc.wait, 30) == 0
 
-    ids = sorted(a.json["id"] for a in answers)
+    ids = sorted(body["id"] for _s, _c, body in answers)
     conn = psycopg2.connect(database_url)
     try:
         with conn.cursor() as c:
