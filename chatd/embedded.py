@@ -282,9 +282,11 @@ class EmbeddedServers:
         *,
         durable: bool = True,
         with_redis: bool = True,
+        with_postgres: bool = True,
         user: str = "chatd",
     ):
         self.layout = Layout(Path(data_dir))
+        self.with_postgres = with_postgres
         self.user = user
         self.durable = durable  # False (tests): fsync off, for speed
         self.with_redis = with_redis
@@ -310,21 +312,27 @@ class EmbeddedServers:
         thread. Starts both, creates the database, applies the migrations."""
         started = time.monotonic()
         self._initialised = False
+        applied: list[str] = []
         try:
-            self._start_postgres()
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+            if self.with_postgres:
+                self._start_postgres()
             if self.with_redis:
                 self._start_redis()
-            self._create_database()
-            applied = migrations.migrate(self.database_url)
+            if self.with_postgres:
+                self._create_database()
+                applied = migrations.migrate(self.database_url)
         except BaseException:
             self.stop()
             raise
         notes = ["new database"] if self._initialised else []
         if applied:
             notes.append(f"{len(applied)} migration(s) applied")
+        servers = [n for n, on in (("PostgreSQL", self.with_postgres),
+                                   ("Redis", self.with_redis)) if on]  # fmt: skip
         log.info(
-            "no database configured: embedded PostgreSQL%s ready in %s (%.1fs%s)",
-            " and Redis" if self.with_redis else "",
+            "embedded %s ready in %s (%.1fs%s)",
+            " and ".join(servers),
             self.layout.root,
             time.monotonic() - started,
             "".join(", " + n for n in notes),

@@ -51,7 +51,9 @@ def pytest_configure(config):
 
     folder = tempfile.mkdtemp(prefix="chatd-test-embedded-")
     # Only the servers this run lacks; fsync off: a test database need not survive a crash.
-    _EMBEDDED = embedded.EmbeddedServers(folder, durable=False, with_redis=not REDIS_URL)
+    _EMBEDDED = embedded.EmbeddedServers(
+        folder, durable=False, with_postgres=not PG_ADMIN_URL, with_redis=not REDIS_URL
+    )
     _EMBEDDED.start()
     PG_ADMIN_URL = PG_ADMIN_URL or _EMBEDDED.admin_url()
     REDIS_URL = REDIS_URL or _EMBEDDED.redis_url
@@ -68,8 +70,7 @@ def pytest_unconfigure(config):
 
 
 def pytest_report_header(config):
-    where = "embedded (this session's own)" if _EMBEDDED is not None else "external"
-    return f"chatd stores: {where}; PostgreSQL {PG_ADMIN_URL}; Redis {REDIS_URL}"
+    return f"chatd stores: PostgreSQL {PG_ADMIN_URL}; Redis {REDIS_URL} (unix sockets: embedded)"
 
 
 @pytest.fixture(scope="session")
