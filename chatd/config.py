@@ -39,6 +39,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     data_dir: str | None = None
+    embedded_user: str = "chatd"  # as root, the embedded PostgreSQL runs as this user
     db_pool_size: int = 20
     db_timeout: float = 5.0
     redis_timeout: float = 1.0
@@ -276,6 +277,7 @@ def load(
         log_level=level,
         log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
         data_dir=env.get("CHATD_DATA_DIR"),
+        embedded_user=env.get("CHATD_EMBEDDED_USER") or "chatd",
         db_pool_size=env.int("DB_POOL_SIZE", 20, 1, 1000),
         db_timeout=env.float("DB_TIMEOUT", 5.0, 0.1, 600.0),
         redis_timeout=env.float("REDIS_TIMEOUT", 1.0, 0.05, 60.0),

@@ -56,6 +56,7 @@ from .auth import TokenVerifier, bearer
 from .domain import ChatService
 from .errors import ApiError, BadRequest, Forbidden, Unauthorized
 from .presence import LocalPresence, Presence
+from .web import request_id_from
 
 log = logging.getLogger("chatd.realtime")
 
@@ -505,6 +506,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.presence = presence or LocalPresence()
         self.presence.notify = self._announce
         self.users: dict[str, str] = {}  # sid -> user id, for this process's sockets
+        self.request_ids: dict[str, str] = {}  # sid -> the handshake's request id (logs)
         self.handlers = {
             "join-chat": self.join_chat,
             "leave-chat": self.leave_chat,
@@ -557,11 +559,17 @@ class ChatNamespace(socketio.AsyncNamespace):
             token = bearer(environ.get("HTTP_AUTHORIZATION"))
         if not token:
             token = (parse_qs(environ.get("QUERY_STRING", "")).get("token") or [None])[0]
+        # One log line per connect and disconnect, with the handshake's request
+        # id (X-Request-Id if sane, else the socket id); never the token.
+        rid = request_id_from(environ.get("HTTP_X_REQUEST_ID")) or sid
         try:
             user_id = self.verifier.verify(token)
         except Unauthorized:
+            log.info("socket refused sid=%s rid=%s", sid, rid,
+                     extra={"event": "socket_refused", "sid": sid, "request_id": rid})  # fmt: skip
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         self.users[sid] = user_id
+        self.request_ids[sid] = rid
         # python-socketio keeps the handshake's environ for the connection's
         # life; nothing here reads it again. Dropping the rest (a copy of every
         # header, and the per-request class engine.io's Tornado driver makes)
@@ -569,13 +577,18 @@ class ChatNamespace(socketio.AsyncNamespace):
         for key in [k for k in environ if k not in _ENVIRON_KEEP]:
             del environ[key]
         await self.enter_room(sid, user_room(user_id))
-        log.debug("socket %s connected as %s", sid, user_id)
+        log.info("socket connect sid=%s user=%s rid=%s", sid, user_id, rid,
+                 extra={"event": "socket_connect", "sid": sid, "user_id": user_id,
+                        "request_id": rid})  # fmt: skip
 
     async def on_disconnect(self, sid: str, reason: object = None):
         user_id = self.users.pop(sid, None)
         self.manager.forget(sid)
         await self.presence.leave_all(sid)
-        log.debug("socket %s (%s) disconnected: %s", sid, user_id, reason)
+        rid = self.request_ids.pop(sid, sid)
+        log.info("socket disconnect sid=%s user=%s rid=%s reason=%s", sid, user_id, rid, reason,
+                 extra={"event": "socket_disconnect", "sid": sid, "user_id": user_id,
+                        "request_id": rid, "reason": str(reason)})  # fmt: skip
 
     async def _removed(self, sid: str, chat_id: str) -> None:
         """A member removal made this local socket leave the chat's room."""

@@ -1,37 +1,123 @@
 """The chatd daemon: configuration, the stores, one Tornado app with the REST
-API and Socket.IO on one port, and an orderly stop on SIGTERM/SIGINT."""
+API and Socket.IO on one port, and an orderly stop on SIGTERM/SIGINT.
+
+Start: with no database configured, the embedded PostgreSQL and Redis start
+first (chatd.embedded, blocking, before the event loop exists); then the
+pools, the app, the listening socket, and ``READY=1`` to systemd.
+
+Stop (SIGTERM or SIGINT), in this order, so that nothing answered is lost:
+
+1. ``STOPPING=1``; the listening socket closes (no new connections) and
+   answers from now on carry ``Connection: close``;
+2. every Socket.IO connection is closed at the transport level: clients see a
+   "transport close" and their auto-reconnect takes them to another process
+   (a Socket.IO DISCONNECT packet would tell them *not* to reconnect);
+3. in-flight REST requests get up to ``SHUTDOWN_TIMEOUT`` seconds to finish:
+   a send that commits is still answered 201;
+4. remaining connections close, background cache writes finish, the pools
+   close, the embedded servers (if any) shut down, exit status 0.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
+import time
 
 import socketio
 import tornado.httpserver
 import tornado.iostream
+import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from . import cache, config, migrations, presence, realtime, web
+from . import cache, config, embedded, migrations, presence, realtime, sdnotify, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
+from .metrics import CountingEvents, Metrics
 from .storage import Storage
 
 log = logging.getLogger("chatd")
 
+# Attributes every LogRecord has; anything else was passed in ``extra=``.
+_RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+# Belt and braces: chatd logs paths without query strings and never headers,
+# but a library's message or a traceback could quote a URL or a header. Tokens
+# in ``token=``/``access_token=`` parameters, after ``Bearer`` and JWT-shaped
+# strings are masked in every line, whatever logged it.
+_SECRET_RES = (
+    (re.compile(r"((?:access_)?token=)[^&\s'\"]+", re.I), r"\1***"),
+    (re.compile(r"(Bearer\s+)[^\s'\",]+", re.I), r"\1***"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"), "<jwt>"),
+)
+
+
+_LITERAL_SECRETS: set[str] = set()
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_RES:
+        text = pattern.sub(replacement, text)
+    for secret in _LITERAL_SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, with the ``extra=`` fields
+    (request_id, route, status, ...) as keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_KEYS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return redact(json.dumps(out, default=str, ensure_ascii=False))
+
+
+def _password(url: str | None) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(url).password or "") if url else None
+
 
 def setup_logging(settings: config.Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for secret in (settings.access_token_secret, _password(settings.database_url),
+                   _password(settings.redis_url)):  # fmt: skip
+        if secret and len(secret) >= 4:
+            _LITERAL_SECRETS.add(secret)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
     # Tornado's access log is replaced by chatd's own request line (web.log_request).
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
@@ -49,6 +135,8 @@ class Chatd:
         self.presence: presence.Presence | presence.LocalPresence | None = None
         self.http: tornado.httpserver.HTTPServer | None = None
         self.port = 0
+        self.metrics = Metrics()
+        self.ctx: web.Context | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -77,7 +165,7 @@ class Chatd:
         else:
             self.presence = presence.LocalPresence()
         self.sio = realtime.create_server(s.cors_origins, manager)
-        events = realtime.SocketEvents(self.sio)
+        events = CountingEvents(realtime.SocketEvents(self.sio), self.metrics)
         self.domain = ChatService(
             self.storage,
             page_cache,
@@ -85,17 +173,23 @@ class Chatd:
             s.max_message_length,
             gate=presence.Gate(self.redis, s.redis_prefix),
         )
+        self.metrics.watch(
+            sockets=lambda: len(self.sio.eio.sockets),
+            cache=page_cache,
+            pool=lambda: self.storage.pool_stats,
+        )
         verifier = TokenVerifier(
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer
         )
         self.sio.register_namespace(realtime.ChatNamespace(self.domain, verifier, self.presence))
         await self.sio.manager.start(s.redis_timeout + 1)
         await self.presence.start()
-        ctx = web.Context(
+        self.ctx = ctx = web.Context(
             domain=self.domain,
             verifier=verifier,
             cors_origins=s.cors_origins,
             readiness=self.readiness,
+            metrics=self.metrics,
         )
         app = web.make_app(ctx, self._socket_handler(), log_function=web.log_request)
         ssl_options = None
@@ -175,29 +269,66 @@ class Chatd:
         return sorted(down)
 
     async def stop(self) -> None:
+        """Drain and close (see the module docstring for the order)."""
+        timeout = self.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout
         if self.http is not None:
-            self.http.stop()
+            self.http.stop()  # closes the listening sockets only
+        if self.ctx is not None:
+            self.ctx.inflight.draining = True
         if self.presence is not None:
             await self.presence.close()  # goodbye: our users offline now, not after the TTL
         if self.sio is not None:
+            sockets = len(self.sio.eio.sockets)
             try:
+                # Transport-level close: clients reconnect (to another process).
+                await asyncio.wait_for(_close_for_reconnect(self.sio), max(timeout, 1.0))
                 await self.sio.shutdown()
                 await self.sio.manager.close()
             except Exception:  # pragma: no cover - best effort at exit
-                log.debug("socket.io shutdown", exc_info=True)
+                log.warning("closing the Socket.IO connections failed", exc_info=True)
+            if sockets:
+                log.info("closed %d socket(s) so that they reconnect elsewhere", sockets)
+        if self.ctx is not None:
+            left = self.ctx.inflight.count
+            if left:
+                log.info("waiting up to %.1fs for %d request(s) in flight", timeout, left)
+            if not await self.ctx.inflight.wait_idle(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "%d request(s) still in flight after %ss: closing their connections",
+                    self.ctx.inflight.count,
+                    timeout,
+                )
         if self.http is not None:
             try:
-                await asyncio.wait_for(
-                    self.http.close_all_connections(), self.settings.shutdown_timeout
-                )
+                await asyncio.wait_for(self.http.close_all_connections(), 5.0)
             except TimeoutError:
-                log.warning("connections still open after %ss", self.settings.shutdown_timeout)
+                log.warning("connections still open at exit")
         if self.domain is not None:
             await self.domain.drain()
         if self.storage is not None:
             await self.storage.close()
         if self.redis is not None:
             await self.redis.aclose()
+
+
+async def _close_for_reconnect(sio: socketio.AsyncServer) -> None:
+    """Close every Engine.IO connection so that its client reconnects.
+
+    ``eio.disconnect()`` would first send an Engine.IO CLOSE packet, which
+    clients take as "the server is done with me" (python-socketio does not
+    reconnect after it). Closing the transport itself instead, a websocket
+    close frame or the end of a poll, is a "transport close", after which
+    socket.io-client and python-socketio both reconnect, through the load
+    balancer to a process that is still up. The server-side disconnect
+    handlers run as for any disconnect."""
+    for sid, eio_socket in list(sio.eio.sockets.items()):
+        try:
+            await eio_socket.close(wait=False, abort=True)  # handlers; no CLOSE packet
+            await eio_socket.queue.put(None)  # the writer ends and closes the transport
+        except Exception:  # pragma: no cover - a socket already going away
+            log.debug("closing socket %s", sid, exc_info=True)
+        sio.eio.sockets.pop(sid, None)
 
 
 class _Inbox:
@@ -235,15 +366,6 @@ def bind(settings: config.Settings) -> list:
     )
 
 
-def check_schema(settings: config.Settings) -> None:
-    pend = migrations.pending(settings.database_url)
-    if pend:
-        raise config.ConfigError(
-            f"the database schema is not up to date ({len(pend)} pending: {pend[0]}...): "
-            "run `chatctl migrate`"
-        )
-
-
 def tune_gc() -> None:
     """Once start-up is done: move everything alive now (modules, the app, the
     pools) out of the collector's sight, and collect the young generation less
@@ -253,22 +375,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-
-
-async def serve(settings: config.Settings, sockets: list | None = None) -> None:
-    daemon = Chatd(settings, sockets)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await daemon.start()
-        tune_gc()
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await daemon.stop()
-    log.info("stopped")
 
 
 def run(coro) -> None:
@@ -285,6 +391,76 @@ def run(coro) -> None:
     asyncio.run(coro)
 
 
+def check_schema(settings: config.Settings) -> None:
+    pend = migrations.pending(settings.database_url)
+    if pend:
+        raise config.ConfigError(
+            f"the database schema is not up to date ({len(pend)} pending: {pend[0]}...): "
+            "run `chatctl migrate`"
+        )
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def serve(
+    settings: config.Settings, hint: str | None = None, sockets: list | None = None
+) -> None:
+    daemon = Chatd(settings, sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            return
+        received.append(sig.name)
+        sdnotify.notify("STOPPING=1")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    watchdog = None
+    try:
+        await daemon.start()
+        tune_gc()
+        if hint:
+            log.info("%s", hint)
+        sdnotify.notify(f"READY=1\nSTATUS=listening on port {daemon.port}")
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            watchdog = asyncio.ensure_future(_watchdog(interval))
+        await stop.wait()
+        log.info("stopping (%s)", received[0] if received else "stop")
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        await daemon.stop()
+    log.info("stopped")
+
+
+def _token_hint(settings: config.Settings) -> str:
+    where = ""
+    if settings.data_dir and embedded.Path(settings.data_dir) != embedded.default_data_dir():
+        where = f"CHATD_DATA_DIR={settings.data_dir} "
+    chatctl = "chatctl"
+    beside = embedded.Path(sys.executable).parent / "chatctl"
+    if shutil.which("chatctl") is None and beside.is_file():
+        chatctl = str(beside)  # not on PATH (e.g. started by scripts/run.sh)
+    return f"get an access token with: {where}{chatctl} token USER"
+
+
+class _StopStarting(BaseException):
+    """SIGTERM before the event loop runs (during the embedded start-up)."""
+
+
+def _stop_starting(signum, frame) -> None:
+    raise _StopStarting
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = config.load()
@@ -292,20 +468,50 @@ def main(argv: list[str] | None = None) -> None:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
     setup_logging(settings)
+    servers: embedded.EmbeddedServers | None = None
+    hint = None
     try:
-        if settings.database_url is not None:
+        if settings.database_url is None:
+            # The embedded default. Started here, before the event loop exists,
+            # so initdb and the waits block nothing; stopped after it is gone.
+            secret_configured = bool(settings.access_token_secret)
+            settings, created = embedded.resolve(settings, create=True)
+            setup_logging(settings)  # again: now it knows the embedded secret, to mask it
+            layout = embedded.Layout(embedded.Path(settings.data_dir))
+            # A configured REDIS_URL is used as it is; otherwise Redis is embedded too.
+            servers = embedded.EmbeddedServers(
+                layout.root,
+                with_redis=settings.redis_url == layout.redis_url,
+                user=settings.embedded_user,
+            )
+            if not secret_configured:  # the data folder's secret: chatctl finds it there
+                hint = _token_hint(settings)
+                if created:
+                    hint += f" (new secret in {servers.layout.secret_file}, mode 0600)"
+            sdnotify.notify("STATUS=starting the embedded PostgreSQL and Redis")
+            # Until the event loop takes over SIGTERM, it stops the start-up
+            # cleanly: start() stops what it started, and main() exits 0.
+            signal.signal(signal.SIGTERM, _stop_starting)
+            servers.start()
+        else:
             check_schema(settings)
         if settings.workers > 1:
             from .workers import supervise
 
             sockets = bind(settings)
-            sys.exit(supervise(settings.workers, sockets, lambda: run(serve(settings, sockets))))
-        run(serve(settings))
+            sys.exit(
+                supervise(settings.workers, sockets, lambda: run(serve(settings, hint, sockets)))
+            )
+        run(serve(settings, hint))
     except config.ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
-    except (Unavailable, migrations.MigrationError) as exc:
+    except (Unavailable, migrations.MigrationError, embedded.EmbeddedError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(1)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, _StopStarting):
+        log.info("stopped during start-up")
+    finally:
+        if servers is not None:
+            servers.stop()
+            log.info("embedded PostgreSQL and Redis stopped")

@@ -7,7 +7,10 @@ is ``{"error": {"code", "message"}}`` with its status (see chatd.errors).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import uuid
 from dataclasses import dataclass, field
 
 import orjson
@@ -41,7 +44,56 @@ class Context:
     verifier: TokenVerifier
     cors_origins: tuple[str, ...] = ()
     readiness: object = None  # async callable -> list of down stores
+    metrics: object = None  # chatd.metrics.Metrics
+    inflight: Inflight = field(default_factory=lambda: Inflight())
     extra: dict = field(default_factory=dict)
+
+
+class Inflight:
+    """REST requests being answered, so a stop can wait for them (server.py)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False  # set at SIGTERM: answers say Connection: close
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """True when nothing is in flight (within ``seconds``)."""
+        if self.count <= 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+            return True
+        except TimeoutError:
+            return False
+
+
+# A client's X-Request-Id is kept when it looks like an id (it is echoed in a
+# header and written to logs, so nothing that could inject either).
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id_from(given: str | None) -> str | None:
+    """A client's request id if it is sane, else None."""
+    return given if given and _REQUEST_ID_RE.match(given) else None
+
+
+def request_id_of(request) -> str:
+    """The request's id: the client's X-Request-Id if sane, else a new one (cached)."""
+    rid = getattr(request, "_chatd_request_id", None)
+    if rid is None:
+        rid = request_id_from(request.headers.get("X-Request-Id")) or uuid.uuid4().hex
+        request._chatd_request_id = rid
+    return rid
 
 
 @tornado.web.stream_request_body
@@ -50,6 +102,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     METHODS: tuple[str, ...] = ()
     PUBLIC = False  # True: no token needed
+    ROUTE = "unmatched"  # the route's pattern, as in the OpenAPI document and metrics
 
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -58,15 +111,35 @@ class BaseHandler(tornado.web.RequestHandler):
         self._body_parts: list[bytes] = []
         self._body_size = 0
         self._too_large = False
+        self._counted = True
+        ctx.inflight.enter()
+        # RequestHandler.__init__ sets the default headers before initialize()
+        # runs, so those that depend on ctx are set again now.
+        self.set_default_headers()
+
+    def finish(self, chunk=None):
+        if self.ctx.inflight.draining and not self._headers_written:
+            # Answered during a stop: tell keep-alive clients to go elsewhere.
+            self.set_header("Connection", "close")
+        return super().finish(chunk)
+
+    def on_finish(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.ctx.inflight.leave()
 
     # -- request plumbing -------------------------------------------------------
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", JSON_TYPE)
-        origin = self.request.headers.get("Origin")
-        if origin and (origin in self.ctx.cors_origins or "*" in self.ctx.cors_origins):
-            self.set_header("Access-Control-Allow-Origin", origin)
+        self.set_header("X-Request-Id", request_id_of(self.request))
+        ctx = getattr(self, "ctx", None)
+        if ctx is None:
+            return
+        if _origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
+            self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")
+        if ctx.cors_origins:
             self.set_header("Vary", "Origin")
 
     def compute_etag(self) -> None:
@@ -118,10 +191,12 @@ class BaseHandler(tornado.web.RequestHandler):
         setattr(self, name, authenticated)
 
     def _preflight(self) -> None:
-        origin = self.request.headers.get("Origin")
-        if origin and (origin in self.ctx.cors_origins or "*" in self.ctx.cors_origins):
+        if _origin_allowed(self.request.headers.get("Origin"), self.ctx.cors_origins):
             self.set_header("Access-Control-Allow-Methods", ", ".join(self.METHODS))
-            self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.set_header(
+                "Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"
+            )
+            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")
             self.set_header("Access-Control-Max-Age", "600")
         self.set_status(204)
         self.clear_header("Content-Type")
@@ -185,7 +260,19 @@ class BaseHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, (ApiError, tornado.web.HTTPError)):
             return  # an answer, not a fault
-        super().log_exception(typ, value, tb)
+        # Tornado's own line quotes the full URI (query string included); this
+        # one has the path only, like the access log.
+        log.error(
+            "uncaught exception in %s %s rid=%s",
+            self.request.method,
+            self.request.path,
+            request_id_of(self.request),
+            exc_info=(typ, value, tb),
+        )
+
+
+def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    return bool(origin) and (origin in allowed or "*" in allowed)
 
 
 def _from_http_status(status: int, exc: object) -> ApiError:
@@ -289,6 +376,8 @@ class ReadHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
+    """The process answers: for a liveness probe (no store is asked)."""
+
     METHODS = ("GET",)
     PUBLIC = True
 
@@ -307,6 +396,29 @@ class ReadyHandler(BaseHandler):
         self.send_json(b'{"ok":true}')
 
 
+class MetricsHandler(BaseHandler):
+    METHODS = ("GET",)
+    PUBLIC = True
+
+    def get(self) -> None:
+        from .metrics import CONTENT_TYPE
+
+        if self.ctx.metrics is None:
+            raise NotFound("metrics are not enabled")
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(self.ctx.metrics.render())
+
+
+class OpenApiHandler(BaseHandler):
+    METHODS = ("GET",)
+    PUBLIC = True
+
+    def get(self) -> None:
+        from .openapi import document_bytes
+
+        self.send_json(document_bytes())
+
+
 class NotFoundHandler(BaseHandler):
     """Every path no route matches: a JSON 404, whatever the method."""
 
@@ -318,20 +430,27 @@ class NotFoundHandler(BaseHandler):
         raise NotFound("no such route")
 
 
+# (tornado pattern, handler, the route as the OpenAPI document names it)
+_SEG = r"([^/]+)"
+ROUTE_TABLE = [
+    (r"/chats/?", ChatsHandler, "/chats"),
+    (rf"/chats/{_SEG}/?", ChatHandler, "/chats/{chat_id}"),
+    (rf"/chats/{_SEG}/messages/?", MessagesHandler, "/chats/{chat_id}/messages"),
+    (rf"/chats/{_SEG}/members/{_SEG}/?", MemberHandler, "/chats/{chat_id}/members/{user_id}"),
+    (rf"/chats/{_SEG}/read/?", ReadHandler, "/chats/{chat_id}/read"),
+    (r"/message/?", LegacyDeleteHandler, "/message/"),
+    (rf"/messages/{_SEG}/?", MessageHandler, "/messages/{id}"),
+    (r"/healthz", HealthHandler, "/healthz"),
+    (r"/readyz", ReadyHandler, "/readyz"),
+    (r"/metrics", MetricsHandler, "/metrics"),
+    (r"/openapi.json", OpenApiHandler, "/openapi.json"),
+]
+for _pattern, _handler, _route in ROUTE_TABLE:
+    _handler.ROUTE = _route
+
+
 def routes(ctx: Context) -> list:
-    seg = r"([^/]+)"
-    table = [
-        (r"/chats/?", ChatsHandler),
-        (rf"/chats/{seg}/?", ChatHandler),
-        (rf"/chats/{seg}/messages/?", MessagesHandler),
-        (rf"/chats/{seg}/members/{seg}/?", MemberHandler),
-        (rf"/chats/{seg}/read/?", ReadHandler),
-        (r"/message/?", LegacyDeleteHandler),
-        (rf"/messages/{seg}/?", MessageHandler),
-        (r"/healthz", HealthHandler),
-        (r"/readyz", ReadyHandler),
-    ]
-    return [(pattern, handler, {"ctx": ctx}) for pattern, handler in table]
+    return [(pattern, handler, {"ctx": ctx}) for pattern, handler, _route in ROUTE_TABLE]
 
 
 def make_app(
@@ -348,6 +467,7 @@ def make_app(
         # backstop just above it.
         websocket_max_message_size=2 * MAX_BODY,
         compress_response=False,
+        chatd_ctx=ctx,
         **settings,
     )
 
@@ -356,14 +476,33 @@ _access = logging.getLogger("chatd.access")
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """One line per request. The path only: query strings may carry tokens."""
+    """Metrics and one log line per request. The path only, never the query
+    string: a socket handshake may carry ``?token=``."""
+    request = handler.request
+    seconds = request.request_time()
+    status = handler.get_status()
+    route = getattr(handler, "ROUTE", None) or "/socket.io/"
+    ctx = getattr(handler, "ctx", None) or handler.settings.get("chatd_ctx")
+    if ctx is not None and ctx.metrics is not None:
+        ctx.metrics.observe(route, request.method, status, seconds)
     if not _access.isEnabledFor(logging.INFO):
         return
-    request = handler.request
+    rid = request_id_of(request)
+    ms = round(1000.0 * seconds, 1)
     _access.info(
-        "%s %s %d %.1fms",
+        "%s %s %d %.1fms rid=%s",
         request.method,
         request.path,
-        handler.get_status(),
-        1000.0 * request.request_time(),
+        status,
+        ms,
+        rid,
+        extra={
+            "request_id": rid,
+            "method": request.method,
+            "path": request.path,
+            "route": route,
+            "status": status,
+            "duration_ms": ms,
+            "remote_ip": request.remote_ip,
+        },
     )

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from chatd import config, migrations
+from chatd import config, embedded, migrations
 
 
 class Ctx:
@@ -23,9 +23,12 @@ class Ctx:
     def settings(self) -> config.Settings:
         if self._settings is None:
             try:
-                self._settings = config.load(env_file=self.env_file)
+                settings = config.load(env_file=self.env_file)
             except config.ConfigError as exc:
                 raise click.UsageError(str(exc)) from None
+            # No database configured: the embedded default's URLs and secret,
+            # from the same data folder chatd uses (chatd.embedded).
+            self._settings, _ = embedded.resolve(settings)
         return self._settings
 
     def database_url(self) -> str:
@@ -102,7 +105,10 @@ def token(obj: Ctx, user: str, ttl: str, claims: tuple[str, ...]) -> None:
 
     secret = obj.settings.access_token_secret
     if not secret:
-        raise click.UsageError("ACCESS_TOKEN_SECRET is not set")
+        raise click.UsageError(
+            "ACCESS_TOKEN_SECRET is not set, and there is no embedded chatd secret in "
+            f"{embedded.data_dir_of(obj.settings)} (start chatd once, or set CHATD_DATA_DIR)"
+        )
     seconds = _duration(ttl)
     extra = {}
     for item in claims:

@@ -6,9 +6,16 @@ the same code chatctl uses, and drops it at the end; Redis keys live under a
 run-specific prefix and are removed at the end. So runs never share state and
 can run twice in a row or side by side.
 
-Where the stores are: ``CHATD_TEST_PG_URL`` (an admin connection, default
-``postgresql://postgres@127.0.0.1:5432/postgres``) and ``CHATD_TEST_REDIS_URL``
-(default ``redis://127.0.0.1:6379/0``).
+Where the stores are: ``CHATD_TEST_PG_URL`` (an admin connection that may
+create databases, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``) and
+``CHATD_TEST_REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/0``). When neither is
+set, the session starts one embedded PostgreSQL and Redis of its own
+(chatd.embedded, the same code as chatd's zero-setup default) in a temporary
+folder and stops them at the end: the suite needs nothing installed but Python.
+
+Servers are used only when named, never because something happens to listen
+on 5432: a run must not depend on, or create databases in, whatever a machine
+has running. Set one and not the other and the other is embedded.
 """
 
 from __future__ import annotations
@@ -23,13 +30,57 @@ import psycopg2
 import pytest
 import redis
 
-from chatd import config, migrations
+from chatd import config, embedded, migrations
 from chatd.server import Chatd
 
 from .helpers import SECRET, Api, ChatdProcess
 
-PG_ADMIN_URL = os.environ.get("CHATD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("CHATD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Set by pytest_configure: the external servers, or the session's embedded ones.
+PG_ADMIN_URL = ""
+REDIS_URL = ""
+_EMBEDDED: embedded.EmbeddedServers | None = None
+
+
+def pytest_configure(config):
+    global PG_ADMIN_URL, REDIS_URL, _EMBEDDED
+    PG_ADMIN_URL = os.environ.get("CHATD_TEST_PG_URL", "")
+    REDIS_URL = os.environ.get("CHATD_TEST_REDIS_URL", "")
+    if PG_ADMIN_URL and REDIS_URL:
+        return
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="chatd-test-embedded-")
+    # Only the servers this run lacks; fsync off: a test database need not survive a crash.
+    _EMBEDDED = embedded.EmbeddedServers(
+        folder, durable=False, with_postgres=not PG_ADMIN_URL, with_redis=not REDIS_URL
+    )
+    _EMBEDDED.start()
+    PG_ADMIN_URL = PG_ADMIN_URL or _EMBEDDED.admin_url()
+    REDIS_URL = REDIS_URL or _EMBEDDED.redis_url
+
+
+def pytest_unconfigure(config):
+    global _EMBEDDED
+    if _EMBEDDED is not None:
+        import shutil
+
+        _EMBEDDED.stop()
+        shutil.rmtree(_EMBEDDED.layout.root, ignore_errors=True)
+        _EMBEDDED = None
+
+
+def pytest_report_header(config):
+    return f"chatd stores: PostgreSQL {PG_ADMIN_URL}; Redis {REDIS_URL} (unix sockets: embedded)"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_URL
 
 
 def _with_db(url: str, name: str) -> str:
@@ -125,6 +176,16 @@ def api(chatd) -> Api:
 
 
 @pytest.fixture
+def unused_port() -> int:
+    """A TCP port free right now (for tests that restart a process on the same port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
 def chat_id() -> str:
     """A chat id no other test uses."""
     return f"t-{uuid.uuid4().hex[:16]}"
@@ -145,7 +206,7 @@ def spawn(database_url, redis_prefix):
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
         }
-        base.update({k: str(v) for k, v in env.items()})
+        base.update({k: (None if v is None else str(v)) for k, v in env.items()})
         proc = ChatdProcess.start(base)
         started.append(proc)
         return proc

@@ -159,26 +159,29 @@ class SocketClient:
         await self.sio.disconnect()
 
 
-LISTEN_RE = re.compile(r"listening on https?://[^:]+:(\d+)")
+LISTEN_RE = re.compile(r"listening on (https?)://[^:]+:(\d+)")
 
 
 class ChatdProcess:
     """A real ``chatd`` process (python -m chatd) with its own environment."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, scheme: str = "http"):
         self.proc = proc
         self.port = port
         self.log_path = log_path
+        self.scheme = scheme
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @classmethod
     def start(cls, env: dict, timeout: float = 30) -> ChatdProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
         full_env.pop("DATABASE_URL", None)
         full_env.update(env)
+        for name in [k for k, v in full_env.items() if v is None]:
+            del full_env[name]  # None: unset it
         full_env.setdefault("LOG_LEVEL", "info")
         log_path = Path(f"/tmp/chatd-test-{os.getpid()}-{time.monotonic_ns()}.log")
         log = open(log_path, "wb")  # noqa: SIM115 - owned by the process
@@ -195,7 +198,7 @@ class ChatdProcess:
             text = log_path.read_text(errors="replace")
             match = LISTEN_RE.search(text)
             if match:
-                return cls(proc, int(match.group(1)), log_path)
+                return cls(proc, int(match.group(2)), log_path, match.group(1))
             if proc.poll() is not None:
                 raise RuntimeError(f"chatd exited with {proc.returncode}:\n{text}")
             time.sleep(0.05)
