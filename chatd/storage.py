@@ -236,6 +236,16 @@ class SQL:
          WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s
         RETURNING role"""
 
+    # chatctl's view of every chat, paged by id (keyset: each page is one index
+    # range scan on the primary key, however many chats there are). The member
+    # count is a per-chat count on the chat_members primary key.
+    ADMIN_CHATS = f"""
+        SELECT {CHAT_COLS},
+               (SELECT count(*) FROM chat_members cm WHERE cm.chat_id = c.id) AS members
+          FROM chats c
+         WHERE c.id > %(after_id)s
+         ORDER BY c.id LIMIT %(limit)s"""
+
     # The marker only moves forward, and never past the chat's last seq.
     MARK_READ = """
         UPDATE chat_members cm
@@ -430,6 +440,10 @@ class Storage:
         return (
             await self._one(SQL.REMOVE_MEMBER, {"chat_id": chat_id, "user_id": user_id}) is not None
         )
+
+    async def admin_chats(self, after_id: str = "", limit: int = 500) -> list[tuple]:
+        """Up to ``limit`` chats with id above ``after_id``, by id: CHAT_COLS + member count."""
+        return await self._all(SQL.ADMIN_CHATS, {"after_id": after_id, "limit": limit})
 
     async def mark_read(self, chat_id: str, user_id: str, seq: int) -> int | None:
         """The new marker if it moved forward, else None."""
