@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,9 +360,7 @@ def seed(
         click.echo(f"valid: {len(plans)} chat(s), {members} member(s), {total} message(s)")
         return
     domain = obj.domain()
-    with click.progressbar(
-        length=total, label="seeding", file=click.get_text_stream("stderr"), show_pos=True
-    ) as bar:
+    with click.progressbar(length=total, label="seeding", file=sys.stderr, show_pos=True) as bar:
         tally = obj.run(apply_all(domain, plans, bar.update))
     click.echo(
         f"chats: {tally.chats_created} created, {tally.chats_existing} already there; "
