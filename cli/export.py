@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from chatd import model, validate
@@ -44,7 +46,7 @@ def export(obj: Ctx, chat_id: str, since_seq: int) -> None:
     storage = obj.storage()
     if obj.run(storage.chat(chat_id)) is None:
         raise Failure(f"chat {chat_id!r} not found")
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer  # bytes as orjson makes them, no re-encoding
     after = since_seq
     while True:
         rows = obj.run(storage.history(chat_id, limit=PAGE, after_seq=after, include_deleted=True))
