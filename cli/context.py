@@ -146,16 +146,32 @@ class Ctx:
         the Socket.IO Redis channel) when Redis is configured, else nowhere."""
         if self._events is None:
             s = self.settings
-            if s.redis_url:
+            if s.redis_url and self._redis_answers():
                 from chatd.emitter import RedisEmitter
 
                 self._events = RedisEmitter(s.redis_url, s.socketio_channel, s.redis_timeout)
                 self._close_later(self._events.close)
             else:
+                if s.redis_url:
+                    # As in chatd, Redis trouble does not stop a write (PostgreSQL
+                    # is the truth); say so once instead of once per event.
+                    click.echo(
+                        "warning: Redis does not answer: running chatd processes will not "
+                        "get these events (clients catch up by seq)",
+                        err=True,
+                    )
                 from chatd.events import NullEvents
 
                 self._events = NullEvents()
         return self._events
+
+    def _redis_answers(self) -> bool:
+        client = self.redis()
+        try:
+            self._loop().run(asyncio.wait_for(client.ping(), self.settings.redis_timeout))
+        except (RedisError, OSError, TimeoutError):
+            return False
+        return True
 
     def domain(self):
         """chatd's ChatService, so chatctl follows the same rules as REST and sockets."""

@@ -204,8 +204,10 @@ def parse_plans(doc: object, lines: dict[str, int], max_length: int) -> list[Cha
             mp = f"{p}.messages[{k}]"
             msg = c.mapping(mp, entry, {"sender", "content", "client_id"})
             sender = c.check(f"{mp}.sender", validate.user_id, msg.get("sender"), "sender")
-            if sender not in members and visibility != "public":
-                c.fail(f"{mp}.sender", f"{sender!r} is not a member of private chat {chat_id!r}")
+            # Even on a public chat (where posting joins): the chat may exist
+            # already as private, and a half-seeded file is what we avoid.
+            if sender not in members:
+                c.fail(f"{mp}.sender", f"{sender!r} is not listed in the members of {chat_id!r}")
             content = c.check(f"{mp}.content", validate.content, msg.get("content"), max_length)
             cid = c.check(f"{mp}.client_id", validate.client_id, msg.get("client_id"))
             if cid is None:
@@ -236,7 +238,8 @@ async def apply_plan(domain, plan: ChatPlan, tally: Tally, advance) -> None:
     storage = domain.storage
     existing = {row[0]: row[1] for row in await storage.members(plan.id)}
     fresh: set[str] = set()
-    if await storage.chat(plan.id) is None:
+    row = await storage.chat(plan.id)
+    if row is None:
         owner = next(u for u, r in plan.members.items() if r == "owner")
         others = [u for u in plan.members if u != owner]
         body = {
@@ -253,6 +256,12 @@ async def apply_plan(domain, plan: ChatPlan, tally: Tally, advance) -> None:
         actor = owner
     else:
         tally.chats_existing += 1
+        if (row[1], row[2]) != (plan.title, plan.visibility):
+            click.echo(
+                f"note: chat {plan.id!r} exists as {row[1]!r} ({row[2]}); its title and "
+                "visibility are left as they are",
+                err=True,
+            )
         owners = [u for u, r in existing.items() if r == "owner"]
         if not owners:
             raise Failure(f"chat {plan.id!r} exists but has no owner to act for the seed")
@@ -335,9 +344,10 @@ def seed(
             - {sender: alice, content: "Welcome!"}
             - {sender: bob, content: "Hi", client_id: "hi-1"}
 
-    Running the same file again changes nothing; an existing chat gets the
-    file's members and roles (others are kept). Nothing is written unless the
-    whole file is valid.
+    Every sender must be listed under members. Running the same file again
+    changes nothing; an existing chat gets the file's members and roles
+    (others are kept; title and visibility are not changed). Nothing is
+    written unless the whole file is valid.
 
     \b
     Example:

@@ -39,3 +39,29 @@ def test_check_reports_bad_configuration(chatctl):
     assert result.exit_code == 1
     assert result.stdout.startswith("FAIL  config")
     assert "LOG_LEVEL" in result.stdout
+
+
+def test_every_command_has_help_with_an_example(chatctl):
+    from cli.main import cli
+
+    def walk(group, path):
+        for name, command in group.commands.items():
+            yield [*path, name]
+            if hasattr(command, "commands"):
+                yield from walk(command, [*path, name])
+
+    paths = list(walk(cli, []))
+    assert len(paths) >= 11
+    for path in paths:
+        result = chatctl(*path, "--help")
+        assert result.exit_code == 0, path
+        assert "Example" in result.stdout, path
+
+
+def test_debug_shows_the_traceback_that_is_otherwise_one_line(chatctl):
+    quiet = chatctl.process("chats", "show", "no-such-chat-here")
+    assert quiet.returncode == 1
+    assert quiet.stderr.strip() == "Error: chat 'no-such-chat-here' not found"
+    loud = chatctl.process("--debug", "chats", "show", "no-such-chat-here")
+    assert loud.returncode == 1
+    assert "Traceback" in loud.stderr

@@ -171,7 +171,7 @@ def test_seed_json_file_works_like_yaml(chatctl, database_url, tmp_path):
                   - {{sender: alice, content: fine}}
                   - {{sender: mallory, content: sneaky}}
             """,
-            "line 7: chats[0].messages[1].sender: 'mallory' is not a member",
+            "line 7: chats[0].messages[1].sender: 'mallory' is not listed in the members",
         ),
         (
             "syntax.json",
