@@ -67,3 +67,9 @@ def test_purge_without_redis_is_a_usage_error(chatctl):
     result = chatctl("cache", "purge", REDIS_URL=None)
     assert result.exit_code == 2
     assert "no Redis configured" in result.stderr
+
+
+def test_purge_with_redis_down_fails_with_one_line(chatctl):
+    result = chatctl("cache", "purge", REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT="0.5")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: Redis is unavailable")

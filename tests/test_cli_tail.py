@@ -130,3 +130,32 @@ def test_tail_needs_redis_and_since_seq_needs_a_chat(chatctl):
     missing = chatctl("tail", "--chat", "no-such-chat-here", "--since-seq", "0")
     assert missing.exit_code == 1
     assert "not found" in missing.stderr
+
+
+def test_seen_tells_repeats_from_out_of_order_arrivals():
+    from cli.tail import Seen
+
+    seen = Seen(5)
+    assert not seen.add(5)  # printed by the history
+    assert seen.add(7)  # from another process, ahead of 6
+    assert seen.add(6)
+    assert not seen.add(6)
+    assert not seen.add(7)
+    assert seen.upto == 7 and seen.above == set()
+
+
+def test_decode_keeps_only_message_events_of_watched_rooms():
+    from cli.tail import decode
+
+    def packet(**kw):
+        base = {"method": "emit", "event": "new-message", "data": [{"seq": 1}],
+                "namespace": "/", "room": "chat:a"}  # fmt: skip
+        return orjson.dumps({**base, **kw})
+
+    assert decode(packet(), {"chat:a"}) == ("new-message", {"seq": 1})
+    assert decode(packet(), None) == ("new-message", {"seq": 1})
+    assert decode(packet(room="chat:b"), {"chat:a"}) is None
+    assert decode(packet(event="typing"), None) is None
+    assert decode(packet(method="enter_room"), None) is None
+    assert decode(packet(room="user:bob"), None) is None
+    assert decode(b"not json", None) is None
