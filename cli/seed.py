@@ -26,7 +26,7 @@ import orjson
 import yaml
 
 from chatd import validate
-from chatd.errors import BadRequest
+from chatd.errors import BadRequest, Conflict
 
 from .context import Ctx, Failure, pass_ctx
 
@@ -248,7 +248,10 @@ async def apply_plan(domain, plan: ChatPlan, tally: Tally, advance) -> None:
             "visibility": plan.visibility,
             "members": others,
         }
-        created = await domain.create_chat(owner, body)
+        try:
+            created = await domain.create_chat(owner, body)
+        except Conflict:  # created just now by someone else (another seed)
+            return await apply_plan(domain, plan, tally, advance)
         tally.chats_created += 1
         tally.members_added += len(created["members"])
         existing = {m["user_id"]: m["role"] for m in created["members"]}

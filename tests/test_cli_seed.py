@@ -2,6 +2,7 @@
 validation with errors that name the line or key, events to running chatd."""
 
 import asyncio
+import signal
 import textwrap
 import uuid
 
@@ -252,3 +253,26 @@ async def test_seeded_messages_reach_running_chatd_sockets_and_history(
     history = await api.get(f"/chats/{chat_id}/messages")
     contents = [m["content"] for m in history.json["messages"]]
     assert contents == ["before the seed", "seeded one", "seeded two"]
+
+
+@pytest.mark.slow
+def test_two_seeds_of_one_file_at_once_write_each_message_once_in_file_order(
+    chatctl, database_url, tmp_path
+):
+    a, _ = _ids()
+    lines = "\n".join(f"      - {{sender: alice, content: 'msg {i}'}}" for i in range(40))
+    path = _write(tmp_path, "race.yaml", f"""\
+        - id: {a}
+          title: Race
+          members: [{{user: alice, role: owner}}, bob]
+          messages:
+    """)  # fmt: skip
+    with open(path, "a") as f:
+        f.write(lines + "\n")
+    procs = [chatctl.spawn("seed", path) for _ in range(2)]
+    codes = [p.proc.wait(60) for p in procs]
+    for p in procs:
+        p.finish(signal.SIGTERM)
+    assert codes == [0, 0], [p.err for p in procs]
+    rows = _messages(database_url, a)
+    assert [(r[1], r[3]) for r in rows] == [(i + 1, f"msg {i}") for i in range(40)]
