@@ -69,6 +69,7 @@ def test_two_admins_migrating_at_once_both_succeed_and_each_file_applies_once(
     outputs = sorted("\n".join(p.out) for p in procs)
     assert sum("applying 001_schema.sql" in o for o in outputs) == 1, outputs
     assert sum("nothing to apply" in o for o in outputs) == 1, outputs
+    assert all("waiting for another migration run" in o for o in outputs), outputs
     assert query(empty_database_url, "SELECT version FROM schema_migrations") == [
         ("001_schema.sql",)
     ]
