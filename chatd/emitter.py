@@ -37,12 +37,13 @@ class RedisEmitter:
         await self._emit("message-updated", message, message["chat_id"])
 
     async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None:
-        await self._emit("message-deleted", {"id": message_id, "chat_id": chat_id, "seq": seq},
-                         chat_id)  # fmt: skip
+        payload = {"id": message_id, "chat_id": chat_id, "seq": seq}
+        await self._emit("message-deleted", payload, chat_id)
 
     async def member_removed(self, chat_id: str, user_id: str) -> None:
-        # Making a socket leave a room needs the server that holds it; chatd
-        # processes re-check membership on every read, so nothing leaks.
+        # Not possible from outside a server: making a user's sockets leave a
+        # room needs the process that holds them (their sids). No chatctl
+        # command removes members; one that does must go through chatd.
         pass
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
