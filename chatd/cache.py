@@ -216,7 +216,10 @@ class PageCache:
         removed = 0
         pattern = f"{_glob_escape(self._prefix)}:{{chat:*}}:*"
         async for key in self._r.scan_iter(match=pattern, count=500):
-            removed += int(await self._r.delete(key))
+            # Only the page cache's own keys: other state may share the chat's
+            # hash tag under this prefix (presence, typing) and is not a cache.
+            if key.endswith((b":meta", b":rows")):
+                removed += int(await self._r.delete(key))
         return removed
 
 

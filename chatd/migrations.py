@@ -127,7 +127,12 @@ def migrate(
     with contextlib.closing(_connect(dsn)) as conn:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
+            if not cur.fetchone()[0]:
+                # Another run (an admin, or a chatd starting) is migrating: say
+                # why we pause, then wait for it; it may leave nothing to do.
+                say("waiting for another migration run to finish")
+                cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             try:
                 cur.execute(TRACKING_TABLE)
                 applied = _applied(cur)

@@ -311,6 +311,16 @@ class SQL:
          WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s
         RETURNING role"""
 
+    # chatctl's view of every chat, paged by id (keyset: each page is one index
+    # range scan on the primary key, however many chats there are). The member
+    # count is a per-chat count on the chat_members primary key.
+    ADMIN_CHATS = f"""
+        SELECT {CHAT_COLS},
+               (SELECT count(*) FROM chat_members cm WHERE cm.chat_id = c.id) AS members
+          FROM chats c
+         WHERE c.id > %(after_id)s
+         ORDER BY c.id LIMIT %(limit)s"""
+
     # The marker only moves forward, and never past the chat's last seq.
     MARK_READ = """
         UPDATE chat_members cm
@@ -349,9 +359,27 @@ class Q:
 
 
 async def _prepare(conn) -> None:
-    """aiopg on_connect: PREPARE the hot queries, all in one round trip."""
+    """aiopg on_connect: PREPARE the hot queries, all in one round trip.
+
+    On a database without chatd's schema (chatctl check before migrate) the
+    PREPAREs fail; that connection then runs the same queries as plain text
+    (see _run), so tools can still connect and report."""
     async with conn.cursor() as cur:
-        await cur.execute(";\n".join(stmt.prepare for stmt in Q.all()))
+        try:
+            await cur.execute(";\n".join(stmt.prepare for stmt in Q.all()))
+        except psycopg2.ProgrammingError:
+            conn.chatd_prepared = False
+        else:
+            conn.chatd_prepared = True
+
+
+async def _run(cur, sql: str | Stmt, params: dict) -> None:
+    if not isinstance(sql, Stmt):
+        await cur.execute(sql, params)
+    elif getattr(cur.connection, "chatd_prepared", False):
+        await cur.execute(sql.execute, sql.args(params))
+    else:
+        await cur.execute(sql.sql, params)
 
 
 class Storage:
@@ -412,18 +440,12 @@ class Storage:
 
     async def _one(self, sql: str | Stmt, params: dict) -> tuple | None:
         async with self._cursor() as cur:
-            if isinstance(sql, Stmt):
-                await cur.execute(sql.execute, sql.args(params))
-            else:
-                await cur.execute(sql, params)
+            await _run(cur, sql, params)
             return await cur.fetchone()
 
     async def _all(self, sql: str | Stmt, params: dict) -> list[tuple]:
         async with self._cursor() as cur:
-            if isinstance(sql, Stmt):
-                await cur.execute(sql.execute, sql.args(params))
-            else:
-                await cur.execute(sql, params)
+            await _run(cur, sql, params)
             return await cur.fetchall()
 
     # -- queries ----------------------------------------------------------------
@@ -581,6 +603,10 @@ class Storage:
         return (
             await self._one(SQL.REMOVE_MEMBER, {"chat_id": chat_id, "user_id": user_id}) is not None
         )
+
+    async def admin_chats(self, after_id: str = "", limit: int = 500) -> list[tuple]:
+        """Up to ``limit`` chats with id above ``after_id``, by id: CHAT_COLS + member count."""
+        return await self._all(SQL.ADMIN_CHATS, {"after_id": after_id, "limit": limit})
 
     async def mark_read(self, chat_id: str, user_id: str, seq: int) -> int | None:
         """The new marker if it moved forward, else None."""

@@ -1,0 +1,56 @@
+"""A write-only Socket.IO emitter: :class:`~chatd.events.Events` for tools that
+change chats without running a server (chatctl seed).
+
+It publishes on the same Redis channel as chatd's ``AsyncRedisManager``
+(``SOCKETIO_CHANNEL``), in the same packet shape, so every running chatd
+process delivers the events to the sockets in the room, exactly as if one of
+them had made the change. Publishing is best effort, as in chatd: PostgreSQL
+holds the truth and a client that misses an event sees the gap in ``seq``.
+"""
+
+from __future__ import annotations
+
+import socketio
+
+from .realtime import OrjsonPackets, chat_room
+
+
+class RedisEmitter:
+    """chatd.events.Events over a write-only ``socketio.AsyncRedisManager``."""
+
+    def __init__(self, redis_url: str, channel: str, timeout: float = 1.0):
+        self.manager = socketio.AsyncRedisManager(
+            redis_url,
+            channel=channel,
+            write_only=True,
+            json=OrjsonPackets,
+            redis_options={"socket_connect_timeout": timeout, "socket_timeout": timeout},
+        )
+
+    async def _emit(self, event: str, data: dict, chat_id: str) -> None:
+        await self.manager.emit(event, data, room=chat_room(chat_id), namespace="/")
+
+    async def message_created(self, message: dict, raw: bytes) -> None:
+        await self._emit("new-message", message, message["chat_id"])
+
+    async def message_updated(self, message: dict, raw: bytes) -> None:
+        await self._emit("message-updated", message, message["chat_id"])
+
+    async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None:
+        payload = {"id": message_id, "chat_id": chat_id, "seq": seq}
+        await self._emit("message-deleted", payload, chat_id)
+
+    async def member_removed(self, chat_id: str, user_id: str) -> None:
+        # Not possible from outside a server: making a user's sockets leave a
+        # room needs the process that holds them (their sids). No chatctl
+        # command removes members; one that does must go through chatd.
+        pass
+
+    async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
+        payload = {"chat_id": chat_id, "user_id": user_id, "seq": seq}
+        await self._emit("read", payload, chat_id)
+
+    async def close(self) -> None:
+        redis = self.manager.redis
+        if redis is not None:
+            await redis.aclose()

@@ -1,0 +1,254 @@
+"""chatctl tail: follow messages as every chatd process emits them.
+
+chatd publishes every emit on the Socket.IO Redis channel (SOCKETIO_CHANNEL),
+as JSON ``{"method": "emit", "event", "data": [payload], "room": "chat:ID", ...}``;
+tail subscribes to that channel, so it sees what every process's sockets see.
+
+``--since-seq N`` first prints the history after seq N. To leave no gap and
+print nothing twice at the seam it subscribes first (Redis then delivers every
+later publish), buffers the live events while it pages through the history,
+and then flushes the buffer, dropping each ``new-message`` whose seq it has
+already printed. Edits and deletes are never dropped: one that raced the
+history read may show once more, but none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import click
+import orjson
+import redis.asyncio as aioredis
+
+from chatd import model, validate
+from chatd.errors import BadRequest
+
+from .context import Ctx, Failure, pass_ctx
+
+EVENTS = ("new-message", "message-updated", "message-deleted")
+PAGE = 200
+
+
+class Seen:
+    """The seqs of one chat already printed: everything up to ``upto``, plus
+    the ones above it (events from several processes may arrive out of order,
+    so a later seq is no proof that an earlier one was printed)."""
+
+    def __init__(self, upto: int):
+        self.upto = upto
+        self.above: set[int] = set()
+
+    def add(self, seq: int) -> bool:
+        """Record ``seq``; False if it was printed already."""
+        if seq <= self.upto or seq in self.above:
+            return False
+        self.above.add(seq)
+        while self.upto + 1 in self.above:
+            self.upto += 1
+            self.above.discard(self.upto)
+        if len(self.above) > 10_000:  # a lost publish must not grow this forever
+            self.upto = min(self.above)
+            self.above = {s for s in self.above if s > self.upto}
+        return True
+
+
+def format_event(event: str, data: dict, fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps({"event": event, "data": data}).decode()
+    chat, seq = data.get("chat_id"), data.get("seq")
+    if event == "message-deleted":
+        return f"[{chat}] #{seq} deleted (id {data.get('id')})"
+    if data.get("deleted"):
+        return f"{data.get('created_at')} [{chat}] #{seq} {data.get('sender_id')}: (deleted)"
+    mark = " (edited)" if event == "message-updated" else ""
+    return (
+        f"{data.get('created_at')} [{chat}] #{seq} {data.get('sender_id')}{mark}: "
+        f"{data.get('content')}"
+    )
+
+
+def decode(raw: bytes, rooms: set[str] | None) -> tuple[str, dict] | None:
+    """(event, payload) of a message event of the watched rooms, else None."""
+    try:
+        packet = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(packet, dict) or packet.get("method") != "emit":
+        return None
+    event, room, data = packet.get("event"), packet.get("room"), packet.get("data")
+    if event not in EVENTS or packet.get("namespace", "/") != "/":
+        return None
+    if not isinstance(room, str) or not room.startswith("chat:"):
+        return None
+    if rooms is not None and room not in rooms:
+        return None
+    if isinstance(data, list):
+        data = data[0] if data else None
+    if not isinstance(data, dict):
+        return None
+    return event, data
+
+
+async def follow(
+    obj: Ctx, storage, chat_ids: list[str], fmt: str, since_seq: int | None, echo
+) -> None:
+    s = obj.settings
+    # Its own connection without a read timeout: a subscriber waits for as
+    # long as the chats are quiet (health checks notice a dead Redis).
+    client = aioredis.Redis.from_url(
+        s.redis_url, socket_connect_timeout=s.redis_timeout, health_check_interval=30
+    )
+    pubsub = client.pubsub()
+    buffered: asyncio.Queue[bytes] = asyncio.Queue()
+    rooms = {f"chat:{c}" for c in chat_ids} if chat_ids else None
+
+    async def reader() -> None:
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None and msg.get("type") == "message":
+                buffered.put_nowait(msg["data"])
+
+    task = None
+    try:
+        await pubsub.subscribe(s.socketio_channel)
+        # Wait for Redis to confirm: from then on every publish reaches us.
+        while True:
+            msg = await pubsub.get_message(timeout=s.redis_timeout * 5)
+            if msg is None:
+                raise Failure(f"Redis did not confirm the subscription to {s.socketio_channel}")
+            if msg.get("type") == "subscribe":
+                break
+        task = asyncio.create_task(reader())
+        what = ", ".join(chat_ids) if chat_ids else "every chat"
+        click.echo(f"tail: following {what} (Ctrl-C to stop)", err=True)
+
+        seen: dict[str, Seen] = {}
+        if since_seq is not None:
+            for chat_id in chat_ids:
+                if await storage.chat(chat_id) is None:
+                    raise Failure(f"chat {chat_id!r} not found")
+                after = since_seq
+                while True:  # keyset pages, ascending; tombstones keep seq gapless
+                    rows = await storage.history(
+                        chat_id, limit=PAGE, after_seq=after, include_deleted=True
+                    )
+                    for row in rows:
+                        echo(format_event("history", model.message(row), fmt))
+                        after = row[2]
+                    if len(rows) < PAGE:
+                        break
+                seen[chat_id] = Seen(after)
+
+        while True:
+            if task.done():
+                task.result()  # re-raise what stopped the reader (Redis gone)
+            try:
+                raw = await asyncio.wait_for(buffered.get(), 1.0)
+            except TimeoutError:
+                continue
+            decoded = decode(raw, rooms)
+            if decoded is None:
+                continue
+            event, data = decoded
+            if event == "new-message" and since_seq is not None:
+                chat_seen = seen.get(data.get("chat_id"))
+                seq = data.get("seq")
+                if chat_seen is not None and isinstance(seq, int) and not chat_seen.add(seq):
+                    continue
+            echo(format_event(event, data, fmt))
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+async def until_stopped(coro) -> None:
+    """Run ``coro`` until SIGINT or SIGTERM, then return quietly. Installed on
+    the loop itself, so Ctrl-C works even where the shell started chatctl with
+    SIGINT ignored (a background job), and a service manager's SIGTERM is a
+    clean stop too."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop)
+    try:
+        await coro
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+@click.command()
+@click.option(
+    "--chat",
+    "chat_ids",
+    multiple=True,
+    metavar="ID",
+    help="Only this chat (repeatable). Default: every chat.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help='json: one {"event", "data"} object per line.',
+)
+@click.option(
+    "--since-seq",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="First print the history after seq N (needs --chat).",
+)
+@pass_ctx
+def tail(obj: Ctx, chat_ids: tuple[str, ...], fmt: str, since_seq: int | None) -> None:
+    """Print messages as they are sent, edited and deleted, on every chatd
+    process, until Ctrl-C.
+
+    Follows the Socket.IO channel in Redis (SOCKETIO_CHANNEL), so it needs
+    REDIS_URL. With --since-seq, history after seq N is printed first, then the
+    live events, with no gap and no repeat between the two. In json format,
+    history rows have "event": "history".
+
+    \b
+    Example:
+      chatctl tail
+      chatctl tail --chat general --since-seq 0 --format json | jq .data.content
+    """
+    for chat_id in chat_ids:
+        try:
+            validate.chat_id(chat_id, "--chat")
+        except BadRequest as exc:
+            raise click.BadParameter(exc.message, param_hint="--chat") from None
+    if since_seq is not None and not chat_ids:
+        raise click.UsageError("--since-seq needs --chat (the history of which chat?)")
+    obj.redis_url()
+
+    def echo(line: str) -> None:
+        click.echo(line)  # click.echo flushes: a pipe reader sees each line at once
+
+    storage = obj.storage() if since_seq is not None else None
+    try:
+        obj.run(until_stopped(follow(obj, storage, list(chat_ids), fmt, since_seq, echo)))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how tail ends
+    except BrokenPipeError:
+        pass  # the reader went away (tail | head)
