@@ -196,6 +196,12 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
+def no_retry() -> Retry:
+    """No retry at all (socket.io's pub/sub client: its publishes are bounded
+    and breakered in chatd.pubsub, and redis-py's default backs off for seconds)."""
+    return Retry(NoBackoff(), 0)
+
+
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A Redis client whose every call is bounded by ``timeout`` seconds."""
     # One retry: after a Redis restart the pooled socket is dead and the first

@@ -36,6 +36,7 @@ class Settings:
     jwt_issuer: str | None = None
     max_message_length: int = 4000
     rate_limit_sends: tuple[int, float] = (30, 10.0)
+    rate_limit_events: tuple[int, float] = (120, 10.0)
     log_level: str = "INFO"
     log_format: str = "text"
     data_dir: str | None = None
@@ -247,6 +248,8 @@ def load(
 
     rate_raw = env.get("RATE_LIMIT_SENDS")
     rate = parse_rate("RATE_LIMIT_SENDS", rate_raw) if rate_raw else (30, 10.0)
+    events_raw = env.get("RATE_LIMIT_EVENTS")
+    events_rate = parse_rate("RATE_LIMIT_EVENTS", events_raw) if events_raw else (120, 10.0)
 
     level = (env.get("LOG_LEVEL") or "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -267,6 +270,7 @@ def load(
         jwt_issuer=env.get("JWT_ISSUER"),
         max_message_length=env.int("MAX_MESSAGE_LENGTH", 4000, 1, 60000),
         rate_limit_sends=rate,
+        rate_limit_events=events_rate,
         log_level=level,
         log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
         data_dir=env.get("CHATD_DATA_DIR"),

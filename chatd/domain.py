@@ -34,6 +34,7 @@ from . import model, validate
 from .cache import PageCache
 from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
 from .events import Events, NullEvents
+from .limits import EVENTS, SENDS, RateLimiter
 from .storage import Access, Storage
 
 log = logging.getLogger("chatd.domain")
@@ -89,8 +90,11 @@ class ChatService:
         cache: PageCache,
         events: Events | None = None,
         max_message_length: int = 4000,
+        limiter: RateLimiter | None = None,
     ):
         self.storage = storage
+        # None: no rate limits (tools that call the domain directly).
+        self.limiter = limiter
         self.cache = cache
         self.events: Events = events or NullEvents()
         self.max_message_length = max_message_length
@@ -108,11 +112,24 @@ class ChatService:
     # -- messages ---------------------------------------------------------------
 
     async def send(
-        self, user_id: str, chat_id: object, content: object, client_id: object = None
+        self,
+        user_id: str,
+        chat_id: object,
+        content: object,
+        client_id: object = None,
+        *,
+        rate_limited: bool = True,
     ) -> Posted:
+        """Post a message. ``rate_limited=False`` skips the per-user send budget
+        (chatctl seed and other operator tools, never a client transport)."""
         chat_id = validate.chat_id(chat_id)
         text = validate.content(content, self.max_message_length)
         cid = validate.client_id(client_id)
+        # After validation (bad input costs no budget), before PostgreSQL (a
+        # flood is refused before it takes a chat's row lock). A retry with
+        # the same client_id counts too: it is a request all the same.
+        if rate_limited and self.limiter is not None:
+            await self.limiter.check(SENDS, user_id)
         sent = await self.storage.send(chat_id, user_id, text, cid)
         if sent is None:
             raise chat_not_found()
@@ -343,6 +360,11 @@ class ChatService:
                 raise Forbidden("only members have a read marker")
             return  # not forward: nothing to tell
         await self.events.read_moved(chat_id, user_id, moved)
+
+    async def socket_event(self, user_id: str) -> None:
+        """Count one socket event of ``user_id`` against RATE_LIMIT_EVENTS."""
+        if self.limiter is not None:
+            await self.limiter.check(EVENTS, user_id)
 
     # -- plumbing ---------------------------------------------------------------
 

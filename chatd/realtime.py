@@ -18,7 +18,7 @@ import socketio
 from . import validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
-from .errors import ApiError, BadRequest, Unauthorized
+from .errors import ApiError, BadRequest, RateLimited, Unauthorized
 
 log = logging.getLogger("chatd.realtime")
 
@@ -92,7 +92,10 @@ class SocketEvents:
 
 
 def _error_ack(exc: ApiError) -> dict:
-    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+    error = {"code": exc.code, "message": exc.message}
+    if isinstance(exc, RateLimited):
+        error["retry_after"] = exc.retry_after  # seconds, as HTTP's Retry-After
+    return {"ok": False, "error": error}
 
 
 def _chat_id_of(payload: object) -> str:
@@ -129,6 +132,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         if user_id is None:  # pragma: no cover - connect always records it
             return _error_ack(Unauthorized("not connected"))
         try:
+            await self.domain.socket_event(user_id)
             return await handler(sid, user_id, payload)
         except ApiError as exc:
             return _error_ack(exc)

@@ -13,7 +13,7 @@ import socketio
 import tornado.httpserver
 import tornado.web
 
-from . import cache, config, migrations, realtime, web
+from . import cache, config, limits, migrations, pubsub, realtime, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -60,15 +60,27 @@ class Chatd:
         if s.redis_url:
             # Emits go through Redis to every chatd process sharing it, so a
             # room's sockets get an event wherever they are connected.
-            manager = socketio.AsyncRedisManager(
+            manager = pubsub.BoundedRedisManager(
                 s.redis_url,
                 channel=s.socketio_channel,
                 json=realtime.OrjsonPackets,
-                redis_options={"socket_connect_timeout": s.redis_timeout},
+                redis_options={
+                    "socket_connect_timeout": s.redis_timeout,
+                    "retry": cache.no_retry(),
+                },
+                publish_timeout=s.redis_timeout,
             )
         self.sio = realtime.create_server(s.cors_origins, manager)
         events = realtime.SocketEvents(self.sio)
-        self.domain = ChatService(self.storage, page_cache, events, s.max_message_length)
+        limiter = limits.RateLimiter(
+            self.redis,
+            s.redis_prefix,
+            {limits.SENDS: s.rate_limit_sends, limits.EVENTS: s.rate_limit_events},
+            timeout=s.redis_timeout,
+        )
+        self.domain = ChatService(
+            self.storage, page_cache, events, s.max_message_length, limiter=limiter
+        )
         verifier = TokenVerifier(
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer
         )
