@@ -26,10 +26,17 @@ import redis
 from chatd import config, migrations
 from chatd.server import Chatd
 
+from .faults import RedisServer, TcpProxy
 from .helpers import SECRET, Api, ChatdProcess
 
 PG_ADMIN_URL = os.environ.get("CHATD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CHATD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+# Every test sends as alice and bob, all within seconds: the default budgets
+# (30 sends/10 s per user) would make unrelated tests flaky. Rate-limit tests
+# set their own budgets (tests/test_rate_limits.py).
+NO_RATE_LIMITS = {"RATE_LIMIT_SENDS": "1000000/1s", "RATE_LIMIT_EVENTS": "1000000/1s"}
 
 
 def _with_db(url: str, name: str) -> str:
@@ -105,6 +112,7 @@ def settings(database_url, redis_prefix) -> config.Settings:
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
             "LOG_LEVEL": "warning",
+            **NO_RATE_LIMITS,
         },
         use_dotenv=False,
     )
@@ -144,6 +152,7 @@ def spawn(database_url, redis_prefix):
             "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
+            **NO_RATE_LIMITS,
         }
         base.update({k: str(v) for k, v in env.items()})
         proc = ChatdProcess.start(base)
@@ -153,3 +162,26 @@ def spawn(database_url, redis_prefix):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def tcp_proxy():
+    """``tcp_proxy(host, port) -> TcpProxy``: a proxy the test can cut (tests/faults.py)."""
+    proxies: list[TcpProxy] = []
+
+    def make(host: str, port: int) -> TcpProxy:
+        proxy = TcpProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def private_redis():
+    """A redis-server of this test's own, started; stop()/start() it at will."""
+    server = RedisServer().start()
+    yield server
+    server.close()

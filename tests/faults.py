@@ -1,0 +1,187 @@
+"""Faults the tests own: a TCP proxy they can cut, and a private redis-server.
+
+The machine's PostgreSQL and Redis are shared, so fault tests never stop or
+reconfigure them. Instead chatd talks to them through :class:`TcpProxy`, which
+the test cuts (every open connection reset, new ones refused, as when the
+server restarts or the host is unreachable) or blackholes (connections accepted
+and open ones kept, but no byte goes through: a network partition) and then
+restores. :class:`RedisServer` is a redis-server of the test's own on a free
+port, stopped and started at will.
+
+The proxy runs its own asyncio loop in a thread, so it keeps forwarding while
+the test's loop is blocked (ChatdProcess.start waits synchronously).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+
+UP, RESET, BLACKHOLE = "up", "reset", "blackhole"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0), as a crashed or restarted server does."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.mode = UP
+        self.accepted = 0
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("proxy did not start")
+
+    # -- control (from the test's thread) ---------------------------------------
+
+    def cut(self, mode: str = RESET) -> None:
+        """RESET: reset every open connection and refuse new ones (the server is
+        down or restarting). BLACKHOLE: let nothing through, answer nothing."""
+        self._call(self._set_mode, mode)
+
+    def restore(self) -> None:
+        self._call(self._set_mode, UP)
+
+    def close(self) -> None:
+        self._call(self._shutdown)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _call(self, fn, *args) -> None:
+        asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(5)
+
+    # -- the proxy (its own loop) --------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._client, "127.0.0.1", self.port)
+        )
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode == RESET:
+            for client, upstream in list(self._conns):
+                _abort(client)
+                if upstream is not None:
+                    _abort(upstream)
+            self._conns.clear()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        await self._set_mode(RESET)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        if self.mode == RESET:
+            _abort(writer)
+            return
+        pair: list = [writer, None]
+        entry = None
+        try:
+            if self.mode == BLACKHOLE:
+                entry = (writer, None)
+                self._conns.add(entry)
+                await reader.read()  # hold it open, answer nothing
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            pair[1] = up_writer
+            entry = (writer, up_writer)
+            self._conns.add(entry)
+            await asyncio.gather(
+                self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                return_exceptions=True,
+            )  # fmt: skip
+        except OSError:
+            pass
+        finally:
+            if entry is not None:
+                self._conns.discard(entry)
+            for w in pair:
+                if w is not None:
+                    w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            while self.mode == BLACKHOLE:  # a partition: bytes go nowhere for now
+                await asyncio.sleep(0.05)
+            if self.mode == RESET:
+                break
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+
+
+class RedisServer:
+    """A private redis-server on a free port (no persistence)."""
+
+    def __init__(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="chatd-test-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), 0.2
+            ) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
