@@ -123,6 +123,19 @@ class Chatd:
                 # each) and costs CPU on every frame; off unless WS_COMPRESSION.
                 return {} if compression else None
 
+            async def post(self, *args, **kwargs):
+                # A long-polling POST over the packet cap: engine.io would close
+                # the session and wait for the client's next poll before
+                # answering, so the request hung for the ping timeout. Refuse it
+                # at once, as REST refuses an oversized body.
+                if len(self.request.body) > realtime.MAX_PACKET:
+                    self.set_status(413)
+                    self.set_header("Content-Type", "application/json; charset=utf-8")
+                    self.finish(b'{"error":{"code":"payload_too_large","message":'
+                                b'"Socket.IO packet larger than 64 KiB"}}')  # fmt: skip
+                    return
+                await super().post(*args, **kwargs)
+
         return SocketHandler
 
     async def readiness(self) -> list[str]:
