@@ -132,7 +132,8 @@ class TcpProxy:
             data = await reader.read(65536)
             if not data:
                 break
-            while self.mode == BLACKHOLE:  # a partition: bytes go nowhere for now
+            # A partition: bytes go nowhere for now (polled: modes change rarely).
+            while self.mode == BLACKHOLE:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             if self.mode == RESET:
                 break
@@ -167,9 +168,10 @@ class RedisServer:
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), 0.2
-            ) as s:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return self

@@ -86,15 +86,16 @@ async def test_oversized_socket_packet_closes_that_socket_only(chatd, api, chat_
     ws = await raw_socket(chatd.port)
     # Just under the cap is an ordinary event.
     content = "x" * 1000
-    ok_packet = "420" + orjson.dumps(
-        ["send-message", {"chat_id": chat_id, "content": content}]
-    ).decode()
+    ok_packet = (
+        "420" + orjson.dumps(["send-message", {"chat_id": chat_id, "content": content}]).decode()
+    )
     await ws.write_message(ok_packet)
     ack = await asyncio.wait_for(ws.read_message(), 5)
     assert ack.startswith("430"), ack
     assert orjson.loads(ack[3:])[0]["ok"] is True
 
-    big = "42" + orjson.dumps(["send-message", {"chat_id": chat_id, "content": "y" * size}]).decode()
+    payload = {"chat_id": chat_id, "content": "y" * size}
+    big = "42" + orjson.dumps(["send-message", payload]).decode()
     await ws.write_message(big)
     assert await closed_within(ws, 5), "the server kept a socket that sent an oversized packet"
     await still_serving(chatd, api)
