@@ -48,7 +48,7 @@ class TcpProxy:
         self.port = free_port()
         self.mode = UP
         self.accepted = 0
-        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._conns: set[_Conn] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
@@ -87,10 +87,10 @@ class TcpProxy:
     async def _set_mode(self, mode: str) -> None:
         self.mode = mode
         if mode == RESET:
-            for client, upstream in list(self._conns):
-                _abort(client)
-                if upstream is not None:
-                    _abort(upstream)
+            for conn in list(self._conns):
+                _abort(conn.client)
+                if conn.upstream is not None:
+                    _abort(conn.upstream)
             self._conns.clear()
 
     async def _shutdown(self) -> None:
@@ -102,45 +102,77 @@ class TcpProxy:
         if self.mode == RESET:
             _abort(writer)
             return
-        pair: list = [writer, None]
-        entry = None
+        conn = _Conn(writer)
+        self._conns.add(conn)
         try:
             if self.mode == BLACKHOLE:
-                entry = (writer, None)
-                self._conns.add(entry)
                 await reader.read()  # hold it open, answer nothing
                 return
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            pair[1] = up_writer
-            entry = (writer, up_writer)
-            self._conns.add(entry)
+            up_reader, conn.upstream = await asyncio.open_connection(*self.target)
             await asyncio.gather(
-                self._pipe(reader, up_writer), self._pipe(up_reader, writer),
+                self._pipe(conn, reader, conn.upstream, to_server=True),
+                self._pipe(conn, up_reader, writer, to_server=False),
                 return_exceptions=True,
-            )  # fmt: skip
+            )
         except OSError:
             pass
         finally:
-            if entry is not None:
-                self._conns.discard(entry)
-            for w in pair:
+            self._conns.discard(conn)
+            for w in (writer, conn.upstream):
                 if w is not None:
                     w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            # A partition: bytes go nowhere for now (polled: modes change rarely).
-            while self.mode == BLACKHOLE:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            if self.mode == RESET:
-                break
-            writer.write(data)
-            await writer.drain()
+    async def _pipe(self, conn: _Conn, reader, writer, to_server: bool) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                # A partition: bytes go nowhere for now (polled: modes change rarely).
+                while self.mode == BLACKHOLE:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                if self.mode == RESET:
+                    break
+                if conn.stale:
+                    if to_server:  # the new server knows nothing of this connection
+                        _abort(conn.client)
+                    return
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            if conn.stale:
+                return  # the server vanished; the client must not hear of it yet
+            raise
+        if conn.stale and not to_server:
+            return
         with contextlib.suppress(OSError):
             writer.write_eof()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def restart_behind(self) -> None:
+        """The server restarted and its resets never reached the client (a
+        failover, a partition): every open connection is dead, and the client
+        finds out only when it next uses it (it is reset then). New connections
+        reach the server as usual."""
+        self._call(self._restart_behind)
+
+    async def _restart_behind(self) -> None:
+        for conn in list(self._conns):
+            conn.stale = True
+            if conn.upstream is not None:
+                _abort(conn.upstream)
+
+
+class _Conn:
+    __slots__ = ("client", "stale", "upstream")
+
+    def __init__(self, client: asyncio.StreamWriter):
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.stale = False
 
 
 class RedisServer:

@@ -340,3 +340,38 @@ async def test_sigkill_under_load_loses_nothing_and_socket_catches_up(spawn, dat
     assert_gapless(rows)
     last_seq = max(s for v in rows.values() for s in v)
     assert sorted(seen) == list(range(1, last_seq + 1)), "the socket has a gap"
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_pool_recovers_at_once_when_postgres_restarted_unnoticed(
+    spawn, tcp_proxy, database_url, chat_id
+):
+    """PostgreSQL restarts and its resets never reach chatd (a failover, or a
+    restart during a partition): every pooled connection is dead and looks
+    fine. The first request to use one fails (503; it cannot know whether its
+    statement ran), and that failure drops the other idle connections too, so
+    the next request already works instead of each dead connection failing
+    one more request."""
+    pg = urlsplit(database_url)
+    proxy = tcp_proxy(pg.hostname or "127.0.0.1", pg.port or 5432)
+    proc = spawn(DATABASE_URL=via(database_url, proxy.port), DB_TIMEOUT=DB_TIMEOUT, DB_POOL_SIZE=6)
+    api = Api(proc.url)
+    await api.create_chat(chat_id)
+    # Open several pooled connections: concurrent requests each need one.
+    for _ in range(3):
+        pages = await asyncio.gather(
+            *(api.get(f"/chats/{chat_id}/messages?limit={n}") for n in range(1, 9))
+        )
+        assert all(p.status == 200 for p in pages)
+    assert proxy.open_connections >= 3, proxy.open_connections
+
+    proxy.restart_behind()
+    statuses = []
+    for i in range(6):
+        resp = await api.send(chat_id, f"after restart {i}", client_id=f"r-{i}")
+        statuses.append((resp.status, resp.error_code))
+    failures = [s for s in statuses if s[0] != 201]
+    assert set(failures) <= {(503, "unavailable")}, statuses
+    assert len(failures) <= 1, f"each dead pooled connection failed a request: {statuses}"
+    assert statuses[-1][0] == 201
