@@ -375,3 +375,35 @@ async def test_pool_recovers_at_once_when_postgres_restarted_unnoticed(
     assert set(failures) <= {(503, "unavailable")}, statuses
     assert len(failures) <= 1, f"each dead pooled connection failed a request: {statuses}"
     assert statuses[-1][0] == 201
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=90)
+async def test_events_cross_processes_again_soon_after_redis_returns(spawn, private_redis, chat_id):
+    """After a Redis outage each process resubscribes within ~2 s (python-socketio
+    alone backs off 1, 2, 4, 8... s, so after this 7.5 s outage it would stay
+    deaf to other processes for another 7 s)."""
+    env = {"REDIS_URL": private_redis.url, "REDIS_TIMEOUT": "0.5"}
+    a, b = spawn(**env), spawn(**env)
+    api_a = Api(a.url)
+    await api_a.create_chat(chat_id, members=["bob"])
+    listener = await SocketClient(b.url, user="bob").connect()
+    try:
+        assert (await listener.call("join-chat", chat_id))["ok"]
+        first = (await api_a.send(chat_id, "before")).json
+        await listener.wait_for("new-message", lambda m: m["id"] == first["id"], 5)
+
+        private_redis.stop()
+        await asyncio.sleep(7.5)
+        private_redis.start()
+        back = time.monotonic()
+        # Send until one crosses from A to B; each send is stored either way.
+        while True:
+            sent = (await api_a.send(chat_id, "after")).json
+            try:
+                await listener.wait_for("new-message", lambda m, s=sent: m["id"] == s["id"], 0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() - back < 5, "B still deaf to A's events 5 s after Redis"
+    finally:
+        await listener.close()
