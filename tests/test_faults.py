@@ -121,6 +121,7 @@ async def test_postgres_outage_fails_fast_then_recovers_without_restart(
     api = Api(proc.url)
     await api.create_chat(chat_id)
 
+    sock = await SocketClient(proc.url).connect()
     load = Load(chat_id, [api])
     workers = [asyncio.ensure_future(load.worker(n)) for n in range(3)]
     try:
@@ -139,6 +140,12 @@ async def test_postgres_outage_fails_fast_then_recovers_without_restart(
         ready = await api.get("/readyz", user=None)
         assert ready.status == 503
         assert "postgres" in ready.json["error"]["message"]
+        # Sockets get the same answer in their ack, as fast.
+        started = time.monotonic()
+        ack = await sock.call("send-message", {"chat_id": chat_id, "content": "x"})
+        assert ack["ok"] is False
+        assert ack["error"]["code"] == "unavailable"
+        assert time.monotonic() - started < DB_TIMEOUT + SLACK
         await asyncio.sleep(max(0.0, 2.5 - (time.monotonic() - cut_at)))
 
         proxy.restore()
@@ -155,6 +162,7 @@ async def test_postgres_outage_fails_fast_then_recovers_without_restart(
     finally:
         load.stop.set()
         await asyncio.gather(*workers)
+        await sock.close()
 
     assert proc.proc.poll() is None, "chatd exited"
     assert recovered_in < 5, f"took {recovered_in:.1f}s to recover"
