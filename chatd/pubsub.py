@@ -51,7 +51,8 @@ class BoundedRedisManager(socketio.AsyncRedisManager):
         if time.monotonic() >= self._down_until:
             log.warning("socket.io publish to Redis dropped (%s); other processes miss it", why)
         self.dropped += 1
-        self.connected = False  # reconnect on the next attempt
+        # No new client: redis-py drops a failed connection and opens another
+        # on the next command (replacing self.redis would leak the old pool).
         self._down_until = time.monotonic() + 1.0
 
     async def _redis_listen_with_retries(self):
