@@ -26,7 +26,7 @@ import redis
 from chatd import config, migrations
 from chatd.server import Chatd
 
-from .faults import RedisServer, TcpProxy
+from .faults import PostgresCluster, RedisServer, TcpProxy
 from .helpers import SECRET, Api, ChatdProcess
 
 PG_ADMIN_URL = os.environ.get("CHATD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -185,3 +185,18 @@ def private_redis():
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of this test's own, migrated, for a real restart."""
+    try:
+        cluster = PostgresCluster()
+    except FileNotFoundError as exc:
+        pytest.skip(f"PostgreSQL server binaries are not installed: {exc}")
+    try:
+        cluster.start()
+        migrations.migrate(cluster.url)
+        yield cluster
+    finally:
+        cluster.close()

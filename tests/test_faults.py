@@ -415,3 +415,38 @@ async def test_events_cross_processes_again_soon_after_redis_returns(spawn, priv
                 assert time.monotonic() - back < 5, "B still deaf to A's events 5 s after Redis"
     finally:
         await listener.close()
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=120)
+async def test_real_postgres_restart_while_clients_send(spawn, private_postgres, chat_id):
+    """A real `pg_ctl restart -m fast` of a private cluster: sessions are
+    terminated by the server (not by a proxy), chatd answers 503 meanwhile and
+    carries on with the same process."""
+    proc = spawn(DATABASE_URL=private_postgres.url, DB_TIMEOUT=DB_TIMEOUT, DB_POOL_SIZE=5)
+    api = Api(proc.url)
+    await api.create_chat(chat_id)
+    load = Load(chat_id, [api])
+    workers = [asyncio.ensure_future(load.worker(n)) for n in range(3)]
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(1.0)
+        before = len(load.created)
+        await loop.run_in_executor(None, private_postgres.restart)
+        restarted_at = time.monotonic()
+        while len(load.created) <= before + 3:
+            assert time.monotonic() - restarted_at < 10, "sends did not resume after the restart"
+            await asyncio.sleep(0.1)
+    finally:
+        load.stop.set()
+        await asyncio.gather(*workers)
+
+    assert proc.proc.poll() is None
+    failures = [o for o in load.outcomes if o[1] != 201]
+    assert {(o[1], o[2]) for o in failures} <= {(503, "unavailable")}, failures
+    assert max(o[3] for o in load.outcomes) < DB_TIMEOUT + SLACK
+    await load.retry_failed()
+    rows = rows_by_client_id(private_postgres.url, chat_id)
+    for cid in load.created | set(load.failed):
+        assert len(rows.get(cid, [])) == 1, f"{cid}: {rows.get(cid)}"
+    assert_gapless(rows)
