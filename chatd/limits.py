@@ -59,6 +59,7 @@ class RateLimiter:
         self.budgets = dict(budgets)
         self._timeout = timeout
         self._down_until = 0.0
+        self._failing = False
         self._local: dict[tuple[str, str], tuple[int, float]] = {}
         self.failed_open = 0  # hits allowed because Redis did not answer
         if client is not None:
@@ -82,11 +83,15 @@ class RateLimiter:
                     self._hit(keys=[key], args=[int(period * 1000)]), self._timeout
                 )
             except (RedisError, OSError, TimeoutError) as exc:
-                if time.monotonic() >= self._down_until:
-                    log.warning("rate limit check failed (%s); allowing until Redis answers", exc)
+                if not self._failing:  # once per outage, not once per request
+                    log.warning("rate limits off: Redis does not answer (%s)", exc or "timeout")
+                    self._failing = True
                 self._down_until = time.monotonic() + 1.0
                 self.failed_open += 1
                 return
+            if self._failing:
+                log.warning("rate limits on again: Redis answers")
+                self._failing = False
             remaining = int(remaining_ms) / 1000.0
         if int(count) > limit:
             what = "messages" if kind == SENDS else "socket events"

@@ -30,6 +30,7 @@ class BoundedRedisManager(socketio.AsyncRedisManager):
         super().__init__(*args, **kwargs)
         self.publish_timeout = publish_timeout
         self._down_until = 0.0
+        self._failing = False
         self.dropped = 0
 
     async def _publish(self, data):
@@ -46,10 +47,15 @@ class BoundedRedisManager(socketio.AsyncRedisManager):
             )
         except Exception as exc:  # any failure: the event is dropped, never the request
             self._broken(str(exc) or type(exc).__name__)
+            return
+        if self._failing:
+            log.warning("socket.io publishes to Redis again (%d dropped)", self.dropped)
+            self._failing = False
 
     def _broken(self, why: str) -> None:
-        if time.monotonic() >= self._down_until:
-            log.warning("socket.io publish to Redis dropped (%s); other processes miss it", why)
+        if not self._failing:  # once per outage
+            log.warning("socket.io publish to Redis failed (%s); other processes miss events", why)
+            self._failing = True
         self.dropped += 1
         # No new client: redis-py drops a failed connection and opens another
         # on the next command (replacing self.redis would leak the old pool).

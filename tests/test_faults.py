@@ -230,6 +230,7 @@ async def test_redis_stopped_sends_and_reads_keep_working(spawn, private_redis, 
             return (await api.get("/readyz", user=None)).status == 200
 
         await wait_until(ready_again, 10, "/readyz after Redis came back")
+        await asyncio.sleep(1.2)  # the breakers' second
         assert (await api.send(chat_id, "after")).status == 201
         page = (await api.get(f"/chats/{chat_id}/messages")).json["messages"]
         assert [m["content"] for m in page][-1] == "after"
@@ -237,7 +238,12 @@ async def test_redis_stopped_sends_and_reads_keep_working(spawn, private_redis, 
     finally:
         await listener.close()
     assert proc.proc.poll() is None
-    assert proc.log().count("Traceback") == 0, proc.log()
+    log = proc.log()
+    assert log.count("Traceback") == 0, log
+    # Logged once per outage, not once per request.
+    assert log.count("rate limits off") == 1, log
+    assert log.count("rate limits on again") == 1, log
+    assert log.count("socket.io publish to Redis failed") == 1, log
 
 
 @pytest.mark.slow
