@@ -456,3 +456,23 @@ async def test_real_postgres_restart_while_clients_send(spawn, private_postgres,
     for cid in load.created | set(load.failed):
         assert len(rows.get(cid, [])) == 1, f"{cid}: {rows.get(cid)}"
     assert_gapless(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_chatd_starts_and_serves_while_redis_is_down(spawn, private_redis, chat_id):
+    private_redis.stop()
+    proc = spawn(REDIS_URL=private_redis.url, REDIS_TIMEOUT="0.5")
+    api = Api(proc.url)
+    await api.create_chat(chat_id)
+    assert (await api.send(chat_id, "no redis yet")).status == 201
+    assert (await api.get(f"/chats/{chat_id}/messages")).json["messages"][0]["seq"] == 1
+    assert "redis" in (await api.get("/readyz", user=None)).json["error"]["message"]
+
+    private_redis.start()
+
+    async def ready():
+        return (await api.get("/readyz", user=None)).status == 200
+
+    await wait_until(ready, 10, "/readyz once Redis is up")
+    assert (await api.send(chat_id, "with redis")).status == 201
