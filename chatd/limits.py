@@ -51,7 +51,7 @@ class RateLimiter:
         self,
         client,
         prefix: str,
-        budgets: dict[str, tuple[int, float]],
+        budgets: dict[str, tuple[int, float] | None],
         timeout: float = 1.0,
     ):
         self._r = client
@@ -66,7 +66,8 @@ class RateLimiter:
             self._hit = client.register_script(_HIT)
 
     async def check(self, kind: str, user_id: str) -> None:
-        """Count one ``kind`` action of ``user_id``; RateLimited when over budget."""
+        """Count one ``kind`` action of ``user_id``; RateLimited when over budget.
+        A budget that is None (``off``) costs nothing, not even a round trip."""
         budget = self.budgets.get(kind)
         if budget is None:
             return

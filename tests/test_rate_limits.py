@@ -13,6 +13,7 @@ import uuid
 import psycopg2
 import pytest
 
+from chatd import config
 from chatd.errors import RateLimited
 from chatd.limits import EVENTS, SENDS, RateLimiter
 from chatd.server import Chatd
@@ -140,3 +141,22 @@ async def test_send_without_rate_limit_for_operator_tools(settings, chat_id):
         assert (await api.send(chat_id, "second", user=user)).status == 429
     finally:
         await daemon.stop()
+
+
+def test_limits_can_be_turned_off_and_malformed_ones_are_refused():
+    base = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "ACCESS_TOKEN_SECRET": "s"}
+    loaded = config.load({**base, "RATE_LIMIT_SENDS": "off", "RATE_LIMIT_EVENTS": "50/5s"},
+                         use_dotenv=False)  # fmt: skip
+    assert loaded.rate_limit_sends is None
+    assert loaded.rate_limit_events == (50, 5.0)
+    defaults = config.load(base, use_dotenv=False)
+    assert (defaults.rate_limit_sends, defaults.rate_limit_events) == ((30, 10.0), (120, 10.0))
+    with pytest.raises(config.ConfigError, match="RATE_LIMIT_EVENTS"):
+        config.load({**base, "RATE_LIMIT_EVENTS": "lots"}, use_dotenv=False)
+
+
+@pytest.mark.gen_test
+async def test_a_limit_that_is_off_never_refuses():
+    limiter = RateLimiter(None, "unused", {SENDS: None, EVENTS: (1, 60.0)})
+    for _ in range(100):
+        await limiter.check(SENDS, "u1")
