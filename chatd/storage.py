@@ -297,7 +297,9 @@ class Storage:
             try:
                 yield cur
             except _UNAVAILABLE as exc:
-                broken = True
+                # A timeout is no sign that the other connections are dead (the
+                # server may just be slow); a connection that failed is.
+                broken = not isinstance(exc, asyncio.TimeoutError)
                 raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
             finally:
                 cur.close()
@@ -307,7 +309,7 @@ class Storage:
             ):
                 conn.close()  # a query cancelled mid-flight: do not reuse
             self._pool.release(conn)
-            if broken:
+            if broken and conn.closed:
                 self._drop_idle()
 
     def _drop_idle(self) -> None:
