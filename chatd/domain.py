@@ -119,17 +119,25 @@ class ChatService:
         client_id: object = None,
         *,
         rate_limited: bool = True,
+        socket_event: bool = False,
     ) -> Posted:
         """Post a message. ``rate_limited=False`` skips the per-user send budget
-        (chatctl seed and other operator tools, never a client transport)."""
-        chat_id = validate.chat_id(chat_id)
-        text = validate.content(content, self.max_message_length)
-        cid = validate.client_id(client_id)
+        (chatctl seed and other operator tools, never a client transport);
+        ``socket_event=True`` also counts it as a socket event, in the same
+        Redis round trip."""
+        try:
+            chat_id = validate.chat_id(chat_id)
+            text = validate.content(content, self.max_message_length)
+            cid = validate.client_id(client_id)
+        except BadRequest:
+            if socket_event and rate_limited:  # a bad event is an event all the same
+                await self.socket_event(user_id)
+            raise
         # After validation (bad input costs no budget), before PostgreSQL (a
         # flood is refused before it takes a chat's row lock). A retry with
         # the same client_id counts too: it is a request all the same.
         if rate_limited and self.limiter is not None:
-            await self.limiter.check(SENDS, user_id)
+            await self.limiter.check(user_id, SENDS, *((EVENTS,) if socket_event else ()))
         sent = await self.storage.send(chat_id, user_id, text, cid)
         if sent is None:
             raise chat_not_found()
@@ -364,7 +372,7 @@ class ChatService:
     async def socket_event(self, user_id: str) -> None:
         """Count one socket event of ``user_id`` against RATE_LIMIT_EVENTS."""
         if self.limiter is not None:
-            await self.limiter.check(EVENTS, user_id)
+            await self.limiter.check(user_id, EVENTS)
 
     # -- plumbing ---------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Two budgets (API.md "Configuration", .env.example):
     sends    RATE_LIMIT_SENDS   default 30/10s   REST POST messages, socket send-message
     events   RATE_LIMIT_EVENTS  default 120/10s  every socket event a client emits
 
-Each is a fixed window per user: the first hit creates ``P:rl:{kind}:{user}``
+Each is a fixed window per user: the first hit creates ``P:rl:{user}:kind``
 with the window as its TTL, later hits INCR it; above the budget the caller
 gets :class:`~chatd.errors.RateLimited` with ``Retry-After`` = the key's
 remaining TTL (so the advice is exact, whichever process counted first). One
@@ -31,15 +31,22 @@ from .errors import RateLimited
 
 log = logging.getLogger("chatd.limits")
 
-# KEYS[1] window key; ARGV[1] window in ms. Reply {count, remaining ms}.
+# KEYS: window keys; ARGV[i]: the window of KEYS[i] in ms. Reply: for each
+# key its count and remaining ms, flattened. Several budgets (a socket
+# send-message counts as a send and as an event) still cost one round trip.
 _HIT = """
-local n = redis.call('INCR', KEYS[1])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    redis.call('PEXPIRE', key, ARGV[i])
+    ttl = tonumber(ARGV[i])
+  end
+  out[#out + 1] = n
+  out[#out + 1] = ttl
 end
-return {n, ttl}
+return out
 """
 
 SENDS = "sends"
@@ -65,24 +72,25 @@ class RateLimiter:
         if client is not None:
             self._hit = client.register_script(_HIT)
 
-    async def check(self, kind: str, user_id: str) -> None:
-        """Count one ``kind`` action of ``user_id``; RateLimited when over budget.
-        A budget that is None (``off``) costs nothing, not even a round trip."""
-        budget = self.budgets.get(kind)
-        if budget is None:
+    async def check(self, user_id: str, *kinds: str) -> None:
+        """Count one action of ``user_id`` against each budget in ``kinds`` (one
+        Redis round trip for all); RateLimited when any is over. A budget that
+        is None (``off``) costs nothing."""
+        budgets = [(k, self.budgets[k]) for k in kinds if self.budgets.get(k) is not None]
+        if not budgets:
             return
-        limit, period = budget
         if self._r is None:
-            count, remaining = self._count_locally(kind, user_id, period)
+            counts = [self._count_locally(k, user_id, b[1]) for k, b in budgets]
         else:
             if time.monotonic() < self._down_until:
                 self.failed_open += 1
                 return
-            key = f"{self._prefix}:rl:{kind}:{user_id}"
+            # The {user} hash tag keeps one user's windows in one Cluster slot,
+            # as a multi-key script needs.
+            keys = [f"{self._prefix}:rl:{{{user_id}}}:{k}" for k, _ in budgets]
+            windows = [int(b[1] * 1000) for _, b in budgets]
             try:
-                count, remaining_ms = await asyncio.wait_for(
-                    self._hit(keys=[key], args=[int(period * 1000)]), self._timeout
-                )
+                reply = await asyncio.wait_for(self._hit(keys=keys, args=windows), self._timeout)
             except (RedisError, OSError, TimeoutError) as exc:
                 if not self._failing:  # once per outage, not once per request
                     log.warning("rate limits off: Redis does not answer (%s)", exc or "timeout")
@@ -93,13 +101,14 @@ class RateLimiter:
             if self._failing:
                 log.warning("rate limits on again: Redis answers")
                 self._failing = False
-            remaining = int(remaining_ms) / 1000.0
-        if int(count) > limit:
-            what = "messages" if kind == SENDS else "socket events"
-            raise RateLimited(
-                f"too many {what}: at most {limit} per {period:g}s, retry in {remaining:.1f}s",
-                retry_after=remaining,
-            )
+            counts = [(int(reply[i]), int(reply[i + 1]) / 1000.0) for i in range(0, len(reply), 2)]
+        for (kind, (limit, period)), (count, remaining) in zip(budgets, counts, strict=True):
+            if count > limit:
+                what = "messages" if kind == SENDS else "socket events"
+                raise RateLimited(
+                    f"too many {what}: at most {limit} per {period:g}s, retry in {remaining:.1f}s",
+                    retry_after=remaining,
+                )
 
     def _count_locally(self, kind: str, user_id: str, period: float) -> tuple[int, float]:
         now = time.monotonic()

@@ -132,7 +132,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         if user_id is None:  # pragma: no cover - connect always records it
             return _error_ack(Unauthorized("not connected"))
         try:
-            await self.domain.socket_event(user_id)
+            if handler != self.send_message:  # counted with the send, one round trip
+                await self.domain.socket_event(user_id)
             return await handler(sid, user_id, payload)
         except ApiError as exc:
             return _error_ack(exc)
@@ -195,11 +196,17 @@ class ChatNamespace(socketio.AsyncNamespace):
     async def send_message(self, sid: str, user_id: str, payload: object) -> dict:
         if isinstance(payload, str):
             # The original form: re-emit the chat's latest message to the room.
+            await self.domain.socket_event(user_id)
             posted = await self.domain.latest(user_id, payload)
             return {"ok": True, "message": orjson.Fragment(posted.raw) if posted else None}
         if not isinstance(payload, dict):
+            await self.domain.socket_event(user_id)
             raise BadRequest("send-message takes a chat id or {chat_id, content, client_id}")
         posted = await self.domain.send(
-            user_id, payload.get("chat_id"), payload.get("content"), payload.get("client_id")
+            user_id,
+            payload.get("chat_id"),
+            payload.get("content"),
+            payload.get("client_id"),
+            socket_event=True,
         )
         return {"ok": True, "message": orjson.Fragment(posted.raw)}

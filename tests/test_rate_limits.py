@@ -12,6 +12,7 @@ import uuid
 
 import psycopg2
 import pytest
+import redis
 
 from chatd import config
 from chatd.errors import RateLimited
@@ -117,12 +118,12 @@ async def test_socket_events_have_their_own_budget(settings, chat_id):
 async def test_without_redis_windows_are_counted_in_process():
     limiter = RateLimiter(None, "unused", {SENDS: (3, 60.0), EVENTS: (1, 60.0)})
     for _ in range(3):
-        await limiter.check(SENDS, "u1")
+        await limiter.check("u1", SENDS)
     with pytest.raises(RateLimited) as refused:
-        await limiter.check(SENDS, "u1")
+        await limiter.check("u1", SENDS)
     assert 1 <= refused.value.retry_after <= 60
-    await limiter.check(SENDS, "u2")  # per user
-    await limiter.check(EVENTS, "u1")  # per kind
+    await limiter.check("u2", SENDS)  # per user
+    await limiter.check("u1", EVENTS)  # per kind
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -159,4 +160,51 @@ def test_limits_can_be_turned_off_and_malformed_ones_are_refused():
 async def test_a_limit_that_is_off_never_refuses():
     limiter = RateLimiter(None, "unused", {SENDS: None, EVENTS: (1, 60.0)})
     for _ in range(100):
-        await limiter.check(SENDS, "u1")
+        await limiter.check("u1", SENDS)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_socket_send_counts_as_send_and_event_in_one_round_trip(
+    settings, private_redis, chat_id
+):
+    user = fresh_user()
+    daemon = Chatd(
+        dataclasses.replace(
+            settings, redis_url=private_redis.url, rate_limit_events=(4, 30.0),
+            rate_limit_sends=(100, 30.0),
+        )
+    )  # fmt: skip
+    await daemon.start()
+    stats = redis.Redis(port=private_redis.port)
+    sock = await SocketClient(f"http://127.0.0.1:{daemon.port}", user=user).connect()
+    try:
+        api = Api(f"http://127.0.0.1:{daemon.port}")
+        await api.create_chat(chat_id, owner=user)
+        assert (await api.send(chat_id, "warm the scripts", user=user)).status == 201
+
+        def scripts_run() -> int:
+            info = stats.info("commandstats")
+            return sum(info.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+
+        before = scripts_run()
+        assert (await api.send(chat_id, "rest", user=user)).status == 201
+        rest_calls = scripts_run() - before
+        before = scripts_run()
+        ack = await sock.call("send-message", {"chat_id": chat_id, "content": "socket"})
+        assert ack["ok"] is True
+        socket_calls = scripts_run() - before
+        # The limiter's script and the cache's append: a socket send pays no
+        # extra round trip for being counted as an event too.
+        assert rest_calls == socket_calls == 2, (rest_calls, socket_calls)
+
+        # Events budget 4: that send, an invalid send, a leave; the 4th is the last.
+        bad = await sock.call("send-message", {"chat_id": chat_id, "content": ""})
+        assert bad["error"]["code"] == "validation_error"
+        assert (await sock.call("leave-chat", chat_id))["ok"] is True
+        assert (await sock.call("leave-chat", chat_id))["ok"] is True
+        refused = await sock.call("send-message", {"chat_id": chat_id, "content": "5th"})
+        assert refused["error"]["code"] == "rate_limited"
+    finally:
+        await sock.close()
+        stats.close()
+        await daemon.stop()
