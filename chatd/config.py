@@ -35,7 +35,8 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     max_message_length: int = 4000
-    rate_limit_sends: tuple[int, float] = (30, 10.0)
+    rate_limit_sends: tuple[int, float] | None = (30, 10.0)  # None: off
+    rate_limit_events: tuple[int, float] | None = (120, 10.0)
     log_level: str = "INFO"
     log_format: str = "text"
     data_dir: str | None = None
@@ -93,6 +94,13 @@ def parse_rate(name: str, raw: str) -> tuple[int, float]:
     if period <= 0:
         raise ConfigError(f"{name} must have a period above zero, got {raw!r}")
     return int(m.group(1)), period
+
+
+def _rate_or_off(name: str, raw: str) -> tuple[int, float] | None:
+    """``off`` turns a limit off (benchmarks against a service that has none)."""
+    if raw.strip().lower() == "off":
+        return None
+    return parse_rate(name, raw)
 
 
 class _Env:
@@ -249,7 +257,9 @@ def load(
             raise ConfigError(f"{name} {value!r} is not a readable file")
 
     rate_raw = env.get("RATE_LIMIT_SENDS")
-    rate = parse_rate("RATE_LIMIT_SENDS", rate_raw) if rate_raw else (30, 10.0)
+    rate = _rate_or_off("RATE_LIMIT_SENDS", rate_raw) if rate_raw else (30, 10.0)
+    events_raw = env.get("RATE_LIMIT_EVENTS")
+    events_rate = _rate_or_off("RATE_LIMIT_EVENTS", events_raw) if events_raw else (120, 10.0)
 
     level = (env.get("LOG_LEVEL") or "info").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -274,6 +284,7 @@ def load(
         jwt_issuer=env.get("JWT_ISSUER"),
         max_message_length=env.int("MAX_MESSAGE_LENGTH", 4000, 1, 60000),
         rate_limit_sends=rate,
+        rate_limit_events=events_rate,
         log_level=level,
         log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
         data_dir=env.get("CHATD_DATA_DIR"),

@@ -34,6 +34,7 @@ from . import model, validate
 from .cache import PageCache
 from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
 from .events import Events, NullEvents
+from .limits import EVENTS, SENDS, RateLimiter
 from .presence import Gate
 from .storage import Access, Storage
 
@@ -167,8 +168,11 @@ class ChatService:
         events: Events | None = None,
         max_message_length: int = 4000,
         gate: Gate | None = None,
+        limiter: RateLimiter | None = None,
     ):
         self.storage = storage
+        # None: no rate limits (tools that call the domain directly).
+        self.limiter = limiter
         self.cache = cache
         self.events: Events = events or NullEvents()
         self.max_message_length = max_message_length
@@ -189,10 +193,20 @@ class ChatService:
     # -- messages ---------------------------------------------------------------
 
     async def send(
-        self, user_id: str, chat_id: object, content: object, client_id: object = None
+        self,
+        user_id: str,
+        chat_id: object,
+        content: object,
+        client_id: object = None,
+        *,
+        rate_limited: bool = True,
+        socket_event: bool = False,
     ) -> Posted:
         """Post a message; answered once it is committed (201), or with the
-        original for a repeated client_id (200).
+        original for a repeated client_id (200). ``rate_limited=False`` skips
+        the per-user send budget (chatctl seed and other operator tools, never
+        a client transport); ``socket_event=True`` also counts it as a socket
+        event, in the same Redis round trip.
 
         Group commit: while one transaction for a chat is in flight in this
         process, further sends to that chat queue in its lane and go together
@@ -200,9 +214,19 @@ class ChatService:
         messages). An uncontended send takes the single-statement path at
         once, so batching adds no latency when there is nothing to batch.
         """
-        chat_id = validate.chat_id(chat_id)
-        text = validate.content(content, self.max_message_length)
-        cid = validate.client_id(client_id)
+        try:
+            chat_id = validate.chat_id(chat_id)
+            text = validate.content(content, self.max_message_length)
+            cid = validate.client_id(client_id)
+        except BadRequest:
+            if socket_event and rate_limited:  # a bad event is an event all the same
+                await self.socket_event(user_id)
+            raise
+        # After validation (bad input costs no budget), before PostgreSQL (a
+        # flood is refused before it queues for a chat's row lock). A retry
+        # with the same client_id counts too: it is a request all the same.
+        if rate_limited and self.limiter is not None:
+            await self.limiter.check(user_id, SENDS, *((EVENTS,) if socket_event else ()))
         lane = self._lanes.get(chat_id)
         if lane is not None:
             future = asyncio.get_running_loop().create_future()
@@ -528,6 +552,11 @@ class ChatService:
                 raise Forbidden("only members have a read marker")
             return  # not forward: nothing to tell
         await self.events.read_moved(chat_id, user_id, moved)
+
+    async def socket_event(self, user_id: str) -> None:
+        """Count one socket event of ``user_id`` against RATE_LIMIT_EVENTS."""
+        if self.limiter is not None:
+            await self.limiter.check(user_id, EVENTS)
 
     # -- plumbing ---------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from socketio.async_pubsub_manager import AsyncPubSubManager
 from . import delivery, validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
-from .errors import ApiError, BadRequest, Forbidden, Unauthorized
+from .errors import ApiError, BadRequest, Forbidden, RateLimited, Unauthorized
 from .presence import LocalPresence, Presence
 from .web import request_id_from
 
@@ -481,7 +481,10 @@ _ENVIRON_KEEP = frozenset(
 
 
 def _error_ack(exc: ApiError) -> dict:
-    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+    error = {"code": exc.code, "message": exc.message}
+    if isinstance(exc, RateLimited):
+        error["retry_after"] = exc.retry_after  # seconds, as HTTP's Retry-After
+    return {"ok": False, "error": error}
 
 
 def _chat_id_of(payload: object) -> str:
@@ -544,6 +547,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         if user_id is None:  # pragma: no cover - connect always records it
             return _error_ack(Unauthorized("not connected"))
         try:
+            if handler != self.send_message:  # counted with the send, one round trip
+                await self.domain.socket_event(user_id)
             return await handler(sid, user_id, payload)
         except ApiError as exc:
             return _error_ack(exc)
@@ -670,11 +675,17 @@ class ChatNamespace(socketio.AsyncNamespace):
     async def send_message(self, sid: str, user_id: str, payload: object) -> dict:
         if isinstance(payload, str):
             # The original form: re-emit the chat's latest message to the room.
+            await self.domain.socket_event(user_id)
             posted = await self.domain.latest(user_id, payload)
             return {"ok": True, "message": orjson.Fragment(posted.raw) if posted else None}
         if not isinstance(payload, dict):
+            await self.domain.socket_event(user_id)
             raise BadRequest("send-message takes a chat id or {chat_id, content, client_id}")
         posted = await self.domain.send(
-            user_id, payload.get("chat_id"), payload.get("content"), payload.get("client_id")
+            user_id,
+            payload.get("chat_id"),
+            payload.get("content"),
+            payload.get("client_id"),
+            socket_event=True,
         )
         return {"ok": True, "message": orjson.Fragment(posted.raw)}

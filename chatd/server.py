@@ -24,7 +24,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -39,7 +38,7 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from . import cache, config, embedded, migrations, presence, realtime, sdnotify, web
+from . import cache, config, embedded, limits, migrations, presence, realtime, sdnotify, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -166,12 +165,19 @@ class Chatd:
             self.presence = presence.LocalPresence()
         self.sio = realtime.create_server(s.cors_origins, manager)
         events = CountingEvents(realtime.SocketEvents(self.sio), self.metrics)
+        limiter = limits.RateLimiter(
+            self.redis,
+            s.redis_prefix,
+            {limits.SENDS: s.rate_limit_sends, limits.EVENTS: s.rate_limit_events},
+            timeout=s.redis_timeout,
+        )
         self.domain = ChatService(
             self.storage,
             page_cache,
             events,
             s.max_message_length,
             gate=presence.Gate(self.redis, s.redis_prefix),
+            limiter=limiter,
         )
         self.metrics.watch(
             sockets=lambda: len(self.sio.eio.sockets),
@@ -244,6 +250,19 @@ class Chatd:
                     return conn._write_frame(True, 0x2 if binary else 0x1, data)
                 except tornado.iostream.StreamClosedError:
                     raise tornado.websocket.WebSocketClosedError() from None
+
+            async def post(self, *args, **kwargs):
+                # A long-polling POST over the packet cap: engine.io would close
+                # the session and wait for the client's next poll before
+                # answering, so the request hung for the ping timeout. Refuse it
+                # at once, as REST refuses an oversized body.
+                if len(self.request.body) > realtime.MAX_PACKET:
+                    self.set_status(413)
+                    self.set_header("Content-Type", "application/json; charset=utf-8")
+                    self.finish(b'{"error":{"code":"payload_too_large","message":'
+                                b'"Socket.IO packet larger than 64 KiB"}}')  # fmt: skip
+                    return
+                await super().post(*args, **kwargs)
 
         return SocketHandler
 
@@ -378,16 +397,10 @@ def tune_gc() -> None:
 
 
 def run(coro) -> None:
-    """Run on uvloop when it is installed (a faster event loop under Tornado,
-    which runs on any asyncio loop); CHATD_UVLOOP=0 keeps asyncio's own."""
-    if os.environ.get("CHATD_UVLOOP", "1") != "0":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(coro)
-            return
+    """Run chatd's event loop: asyncio's own. (uvloop was measured here and
+    dropped: when PostgreSQL drops a connection, psycopg2 closes its socket
+    before aiopg unregisters it, and uvloop's stale poll handle for that fd
+    number then breaks the next connection that reuses it.)"""
     asyncio.run(coro)
 
 

@@ -386,6 +386,7 @@ class Storage:
     def __init__(self, pool: aiopg.Pool, timeout: float):
         self._pool = pool
         self.timeout = timeout
+        self._clearing: asyncio.Future | None = None
 
     @classmethod
     async def connect(cls, dsn: str, size: int = 20, query_timeout: float = 5.0) -> Storage:
@@ -423,11 +424,19 @@ class Storage:
             conn = await self._pool.acquire()
         except _UNAVAILABLE as exc:
             raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
+        broken = False
         try:
-            cur = await conn.cursor()
+            try:
+                cur = await conn.cursor()
+            except _UNAVAILABLE as exc:  # a connection that died while idle
+                broken = True
+                raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
             try:
                 yield cur
             except _UNAVAILABLE as exc:
+                # A timeout is no sign that the other connections are dead (the
+                # server may just be slow); a connection that failed is.
+                broken = not isinstance(exc, asyncio.TimeoutError)
                 raise Unavailable(f"PostgreSQL is unavailable: {_reason(exc)}") from exc
             finally:
                 cur.close()
@@ -437,6 +446,20 @@ class Storage:
             ):
                 conn.close()  # a query cancelled mid-flight: do not reuse
             self._pool.release(conn)
+            if broken and conn.closed:
+                self._drop_idle()
+
+    def _drop_idle(self) -> None:
+        """After a connection failure, close the pool's idle connections too.
+
+        They were opened to the same server, so after a PostgreSQL restart or
+        a network cut every one of them is dead, and each would fail one more
+        request before the pool noticed. Closing them now means the next
+        request opens a fresh connection: chatd recovers with the first
+        request after PostgreSQL is back, not after ``DB_POOL_SIZE`` failures.
+        """
+        if self._clearing is None or self._clearing.done():
+            self._clearing = asyncio.ensure_future(self._pool.clear())
 
     async def _one(self, sql: str | Stmt, params: dict) -> tuple | None:
         async with self._cursor() as cur:

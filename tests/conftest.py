@@ -33,6 +33,7 @@ import redis
 from chatd import config, embedded, migrations
 from chatd.server import Chatd
 
+from .faults import PostgresCluster, RedisServer, TcpProxy
 from .helpers import SECRET, Api, ChatdProcess
 
 # Set by pytest_configure: the external servers, or the session's embedded ones.
@@ -81,6 +82,12 @@ def pg_admin_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return REDIS_URL
+
+
+# Every test sends as alice and bob, all within seconds: the default budgets
+# (30 sends/10 s per user) would make unrelated tests flaky. Rate-limit tests
+# set their own budgets (tests/test_rate_limits.py).
+NO_RATE_LIMITS = {"RATE_LIMIT_SENDS": "1000000/1s", "RATE_LIMIT_EVENTS": "1000000/1s"}
 
 
 def _with_db(url: str, name: str) -> str:
@@ -156,6 +163,7 @@ def settings(database_url, redis_prefix) -> config.Settings:
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
             "LOG_LEVEL": "warning",
+            **NO_RATE_LIMITS,
         },
         use_dotenv=False,
     )
@@ -205,6 +213,7 @@ def spawn(database_url, redis_prefix):
             "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
             "CHATPORT": "0",
             "CHATD_HOST": "127.0.0.1",
+            **NO_RATE_LIMITS,
         }
         base.update({k: (None if v is None else str(v)) for k, v in env.items()})
         proc = ChatdProcess.start(base)
@@ -214,3 +223,41 @@ def spawn(database_url, redis_prefix):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def tcp_proxy():
+    """``tcp_proxy(host, port) -> TcpProxy``: a proxy the test can cut (tests/faults.py)."""
+    proxies: list[TcpProxy] = []
+
+    def make(host: str, port: int) -> TcpProxy:
+        proxy = TcpProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def private_redis():
+    """A redis-server of this test's own, started; stop()/start() it at will."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of this test's own, migrated, for a real restart."""
+    try:
+        cluster = PostgresCluster()
+    except FileNotFoundError as exc:
+        pytest.skip(f"PostgreSQL server binaries are not installed: {exc}")
+    try:
+        cluster.start()
+        migrations.migrate(cluster.url)
+        yield cluster
+    finally:
+        cluster.close()
