@@ -47,8 +47,12 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int):
-        self.target = (target_host, target_port)
+    """Listens on 127.0.0.1 and forwards to ``target_host:target_port``, or to
+    the Unix socket ``target_host`` when no port is given (the embedded
+    PostgreSQL listens only on one)."""
+
+    def __init__(self, target_host: str, target_port: int | None):
+        self.target = target_host if target_port is None else (target_host, target_port)
         self.port = free_port()
         self.mode = UP
         self.accepted = 0
@@ -112,7 +116,10 @@ class TcpProxy:
             if self.mode == BLACKHOLE:
                 await reader.read()  # hold it open, answer nothing
                 return
-            up_reader, conn.upstream = await asyncio.open_connection(*self.target)
+            if isinstance(self.target, str):
+                up_reader, conn.upstream = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, conn.upstream = await asyncio.open_connection(*self.target)
             await asyncio.gather(
                 self._pipe(conn, reader, conn.upstream, to_server=True),
                 self._pipe(conn, up_reader, writer, to_server=False),

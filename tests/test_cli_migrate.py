@@ -2,6 +2,7 @@
 
 import signal
 import time
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -51,7 +52,7 @@ def test_two_admins_migrating_at_once_both_succeed_and_each_file_applies_once(
                 cur.execute(
                     "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
                     " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = %s",
-                    (empty_database_url.rsplit("/", 1)[1],),
+                    (urlsplit(empty_database_url).path.lstrip("/"),),
                 )
                 if cur.fetchone()[0] == 2:
                     break

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -27,13 +27,29 @@ DB_TIMEOUT = 1.0
 SLACK = 2.5
 
 
-def via(url: str, port: int) -> str:
+def pg_target(url: str) -> tuple[str, int | None]:
+    """Where a PostgreSQL URL points: (host, port), or (socket path, None) for
+    a Unix socket (``?host=/dir``, as the embedded default's URL has it)."""
     parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = parts.netloc.replace(f"{host}:{parts.port}", f"{host}:{port}")
-    if parts.port is None:
-        netloc = f"{parts.netloc}:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = parse_qs(parts.query)
+    socket_dir = (query.get("host") or [""])[0]
+    if socket_dir.startswith("/"):
+        port = (query.get("port") or ["5432"])[0]
+        return f"{socket_dir}/.s.PGSQL.{port}", None
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+def via(url: str, port: int) -> str:
+    """The same database, reached over TCP at 127.0.0.1:port (the proxy)."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    if parts.password:
+        user = f"{parts.username}:{parts.password}@"
+    query = "&".join(
+        f"{k}={v}" for k, vs in parse_qs(parts.query).items() if k not in ("host", "port")
+        for v in vs
+    )  # fmt: skip
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}", query=query))
 
 
 def rows_by_client_id(database_url: str, chat_id: str) -> dict[str, list[int]]:
@@ -115,8 +131,7 @@ class Load:
 async def test_postgres_outage_fails_fast_then_recovers_without_restart(
     spawn, tcp_proxy, database_url, chat_id, how
 ):
-    pg = urlsplit(database_url)
-    proxy = tcp_proxy(pg.hostname or "127.0.0.1", pg.port or 5432)
+    proxy = tcp_proxy(*pg_target(database_url))
     proc = spawn(DATABASE_URL=via(database_url, proxy.port), DB_TIMEOUT=DB_TIMEOUT, DB_POOL_SIZE=5)
     api = Api(proc.url)
     await api.create_chat(chat_id)
@@ -367,8 +382,7 @@ async def test_pool_recovers_at_once_when_postgres_restarted_unnoticed(
     statement ran), and that failure drops the other idle connections too, so
     the next request already works instead of each dead connection failing
     one more request."""
-    pg = urlsplit(database_url)
-    proxy = tcp_proxy(pg.hostname or "127.0.0.1", pg.port or 5432)
+    proxy = tcp_proxy(*pg_target(database_url))
     proc = spawn(DATABASE_URL=via(database_url, proxy.port), DB_TIMEOUT=DB_TIMEOUT, DB_POOL_SIZE=6)
     api = Api(proc.url)
     await api.create_chat(chat_id)
