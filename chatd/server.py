@@ -439,10 +439,10 @@ async def serve(
     watchdog = None
     try:
         await daemon.start()
-        tune_gc()
         if hint:
             log.info("%s", hint)
         sdnotify.notify(f"READY=1\nSTATUS=listening on port {daemon.port}")
+        tune_gc()
         interval = sdnotify.watchdog_interval()
         if interval:
             watchdog = asyncio.ensure_future(_watchdog(interval))

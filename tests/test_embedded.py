@@ -3,6 +3,7 @@ Redis under CHATD_DATA_DIR (chatd.embedded), and chatctl finds its secret."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -90,6 +91,9 @@ def test_settings_resolve_to_the_data_dirs_servers_and_secret(data_dir):
 async def test_zero_setup_start_token_restart_and_no_orphans(data_dir, chat_id):
     proc = _start(data_dir)
     try:
+        deadline = time.monotonic() + 10  # the hint line follows the listening line
+        while "chatctl token USER" not in proc.log() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         lines = proc.log().splitlines()
         listen = next(i for i, line in enumerate(lines) if "listening on" in line)
         assert "chatctl token USER" in lines[listen + 1], lines
