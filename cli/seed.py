@@ -236,9 +236,12 @@ def demo_plans(chats: int, messages: int) -> list[ChatPlan]:
 
 async def apply_plan(domain, plan: ChatPlan, tally: Tally, advance) -> None:
     storage = domain.storage
-    existing = {row[0]: row[1] for row in await storage.members(plan.id)}
-    fresh: set[str] = set()
+    # The chat first, then its members: a chat and its first members commit
+    # together, so a chat seen here has its members (read the other way round,
+    # a concurrent seed could commit in between: a chat with no members).
     row = await storage.chat(plan.id)
+    existing = {m[0]: m[1] for m in await storage.members(plan.id)} if row is not None else {}
+    fresh: set[str] = set()
     if row is None:
         owner = next(u for u, r in plan.members.items() if r == "owner")
         others = [u for u in plan.members if u != owner]
