@@ -36,8 +36,11 @@ SQL
 [ -x "$ROOT/.venv/bin/chatd" ] || { echo "bench: no $ROOT/.venv/bin/chatd; run ./scripts/test.sh first" >&2; exit 2; }
 
 export ACCESS_TOKEN_SECRET=$SECRET
+# Rate limits off: the peer has none, and 32 closed-loop senders would only
+# measure 429s. LOG_LEVEL=warning: the peer logs no requests either.
 CHATD_ENV=(DATABASE_URL=postgres://bench:bench@127.0.0.1:5432/py_bench REDIS_URL=redis://127.0.0.1:6379/1
-           CHATPORT=8080 CHATD_HOST=127.0.0.1 LOG_LEVEL=warning CHATD_WORKERS="$WORKERS")
+           CHATPORT=8080 CHATD_HOST=127.0.0.1 LOG_LEVEL=warning CHATD_WORKERS="$WORKERS"
+           RATE_LIMIT_SENDS=off RATE_LIMIT_EVENTS=off)
 env "${CHATD_ENV[@]}" "$ROOT/.venv/bin/chatctl" migrate >/dev/null
 ulimit -n 65536 2>/dev/null || true
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)

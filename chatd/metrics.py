@@ -47,10 +47,21 @@ class Metrics:
         )
         self._live = _Live()
         self.registry.register(self._live)
+        # labels() takes a lock and builds a key on every call; a route has a
+        # handful of (method, status) pairs, so keep the children.
+        self._children: dict[tuple, tuple] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route, method),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(
         self,
