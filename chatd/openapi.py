@@ -154,6 +154,7 @@ _ERROR_TEXT = {
     404: "chat_not_found, message_not_found or not_found",
     409: "conflict",
     413: "payload_too_large: the body is over 64 KiB (checked before anything else)",
+    429: "rate_limited: over the sender's RATE_LIMIT_SENDS budget; retry after Retry-After",
     503: "unavailable: a backing store is down",
 }
 
@@ -226,7 +227,7 @@ def document() -> dict:
                 "Send a message",
                 {"201": _json("Message", "committed (then broadcast as new-message)"),
                  "200": _json("Message", "a repeat of client_id: the original message")},
-                (400, 404, 503), body="SendMessage", params=[_CHAT],
+                (400, 404, 429, 503), body="SendMessage", params=[_CHAT],
             ),
         },
         "/chats/{chat_id}/members/{user_id}": {
@@ -286,9 +287,20 @@ def document() -> dict:
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (HS256)"}
             },
-            "responses": {f"E{code}": _json("Error", text) for code, text in _ERROR_TEXT.items()},
+            "responses": _error_responses(),
         },
     }
+
+
+def _error_responses() -> dict:
+    out = {f"E{code}": _json("Error", text) for code, text in _ERROR_TEXT.items()}
+    out["E429"]["headers"] = {
+        "Retry-After": {
+            "description": "seconds until the budget has room again",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    return out
 
 
 @cache

@@ -21,6 +21,7 @@ Stop (SIGTERM or SIGINT), in this order, so that nothing answered is lost:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -379,9 +380,9 @@ class _Inbox:
         return self._items.pop(0)
 
 
-def bind(settings: config.Settings) -> list:
+def bind(settings: config.Settings, reuse_port: bool = False) -> list:
     return tornado.netutil.bind_sockets(
-        settings.port, settings.host or None, family=socket.AF_UNSPEC
+        settings.port, settings.host or None, family=socket.AF_UNSPEC, reuse_port=reuse_port
     )
 
 
@@ -511,9 +512,21 @@ def main(argv: list[str] | None = None) -> None:
         if settings.workers > 1:
             from .workers import supervise
 
-            sockets = bind(settings)
+            # Each worker binds its own socket with SO_REUSEPORT and the kernel
+            # spreads connections over them. (One inherited socket would not:
+            # the worker that wakes first accepts a whole burst of them.) Port
+            # 0 is resolved once here so that every worker binds the same one.
+            if settings.port == 0:
+                probe = bind(settings, reuse_port=True)
+                settings = dataclasses.replace(settings, port=probe[0].getsockname()[1])
+                for s in probe:
+                    s.close()
+            shared = settings
             sys.exit(
-                supervise(settings.workers, sockets, lambda: run(serve(settings, hint, sockets)))
+                supervise(
+                    settings.workers,
+                    lambda: run(serve(shared, hint, bind(shared, reuse_port=True))),
+                )
             )
         run(serve(settings, hint))
     except config.ConfigError as exc:

@@ -1,9 +1,9 @@
 """CHATD_WORKERS: several chatd processes on one port, one host.
 
-One Python process uses one core. With CHATD_WORKERS=N the parent binds the
-listening socket, forks N workers that all accept on it (the kernel spreads
-connections), forwards SIGTERM/SIGINT to them, and replaces a worker that
-dies unexpectedly. The workers are ordinary chatd processes sharing
+One Python process uses one core. With CHATD_WORKERS=N the parent forks N
+workers, each listening on the port with SO_REUSEPORT (the kernel spreads
+new connections over them), forwards SIGTERM/SIGINT to them, and replaces a
+worker that dies unexpectedly. The workers are ordinary chatd processes sharing
 PostgreSQL and Redis, exactly as when they run on separate ports behind a
 proxy (Socket.IO rooms span them through Redis).
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 
 
-def supervise(count: int, sockets: list[socket.socket], worker: Callable[[], int]) -> int:
+def supervise(count: int, worker: Callable[[], int]) -> int:
     """Run ``worker`` in ``count`` forked processes until told to stop."""
     children: dict[int, int] = {}
     stopping = False
@@ -65,8 +64,6 @@ def supervise(count: int, sockets: list[socket.socket], worker: Callable[[], int
             except ProcessLookupError:
                 pass
 
-    # The parent keeps the listening sockets open (it never accepts on them)
-    # so that a replacement worker inherits them too.
     for index in range(count):
         spawn(index)
     signal.signal(signal.SIGTERM, forward)

@@ -200,8 +200,10 @@ def chat_id() -> str:
 
 
 @pytest.fixture
-def spawn(database_url, redis_prefix):
-    """Start real chatd processes: ``spawn(**env_overrides) -> ChatdProcess``."""
+def spawn(request, database_url, redis_prefix):
+    """Start real chatd processes: ``spawn(**env_overrides) -> ChatdProcess``.
+    Their logs are removed after a passing test and kept (paths printed) after
+    a failing one."""
     started: list[ChatdProcess] = []
 
     def start(**env) -> ChatdProcess:
@@ -223,6 +225,21 @@ def spawn(database_url, redis_prefix):
     yield start
     for proc in started:
         proc.stop()
+    report = getattr(request.node, "rep_call", None)
+    for proc in started:
+        if report is not None and report.passed:
+            proc.log_path.unlink(missing_ok=True)
+        else:
+            print(f"chatd log kept: {proc.log_path}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (rep_setup, rep_call, ...), for
+    fixtures that act on the outcome (spawn's logs)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 @pytest.fixture

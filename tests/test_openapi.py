@@ -184,12 +184,36 @@ async def test_every_documented_response_code_is_produced(api):
     checked = 0
     for route, method, op in _operations():
         for code in sorted(int(c) for c in op["responses"]):
-            if code == 503:
-                continue  # below, with PostgreSQL gone
+            if code in (429, 503):
+                continue  # below: a tight send budget; PostgreSQL gone
             resp = await _scenario(world, route, method, code)
             _check(resp, route, method, code, op)
             checked += 1
     assert checked >= 60
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_every_documented_429_is_produced_over_the_send_budget(io_loop, settings, chat_id):
+    daemon = Chatd(dataclasses.replace(settings, rate_limit_sends=(1, 60.0)))
+    await daemon.start()
+    try:
+        api = Api(f"http://127.0.0.1:{daemon.port}")
+        await api.create_chat(chat_id)
+        checked = 0
+        for route, method, op in _operations():
+            if "429" not in op["responses"]:
+                continue
+            assert (route, method) == ("/chats/{chat_id}/messages", "post")
+            user = f"rl-{uuid.uuid4().hex[:8]}"
+            await api.put(f"/chats/{chat_id}/members/{user}", {}, user="alice")
+            assert (await api.send(chat_id, "first", user=user)).status == 201
+            resp = await api.send(chat_id, "second", user=user)
+            _check(resp, route, method, 429, op)
+            assert 1 <= int(resp.headers["Retry-After"]) <= 60
+            checked += 1
+        assert checked == 1
+    finally:
+        await daemon.stop()
 
 
 @pytest.mark.gen_test(timeout=60)
