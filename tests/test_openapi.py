@@ -203,7 +203,7 @@ async def test_every_documented_429_is_produced_over_the_send_budget(io_loop, se
         for route, method, op in _operations():
             if "429" not in op["responses"]:
                 continue
-            assert (route, method) == ("/chats/{chat_id}/messages", "post")
+            assert (route, method.lower()) == ("/chats/{chat_id}/messages", "post")
             user = f"rl-{uuid.uuid4().hex[:8]}"
             await api.put(f"/chats/{chat_id}/members/{user}", {}, user="alice")
             assert (await api.send(chat_id, "first", user=user)).status == 201
