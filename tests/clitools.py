@@ -16,14 +16,13 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 from click.testing import CliRunner, Result
 
 from cli.main import cli
 
 from .conftest import REDIS_URL
-from .helpers import SECRET
+from .helpers import SECRET, pg_query
 
 
 def chatctl_env(database_url: str, redis_prefix: str) -> dict[str, str]:
@@ -164,14 +163,7 @@ def chatctl_fixture(database_url, redis_prefix, tmp_path, monkeypatch) -> Chatct
     return Chatctl(chatctl_env(database_url, redis_prefix), tmp_path)
 
 
-def query(database_url: str, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+query = pg_query  # the tests' one way to read PostgreSQL directly
 
 
 def one_line_error(text: str) -> str:

@@ -26,7 +26,6 @@ import secrets
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 import redis
 
@@ -34,7 +33,7 @@ from chatd import config, embedded, migrations
 from chatd.server import Chatd
 
 from .faults import PostgresCluster, RedisServer, TcpProxy
-from .helpers import SECRET, Api, ChatdProcess
+from .helpers import SECRET, Api, ChatdProcess, pg_query
 
 # Set by pytest_configure: the external servers, or the session's embedded ones.
 PG_ADMIN_URL = ""
@@ -96,13 +95,7 @@ def _with_db(url: str, name: str) -> str:
 
 
 def _admin(sql: str) -> None:
-    conn = psycopg2.connect(PG_ADMIN_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
+    pg_query(PG_ADMIN_URL, sql)
 
 
 @contextlib.contextmanager
@@ -151,21 +144,25 @@ def redis_client():
     client.close()
 
 
+def chatd_env(database_url: str, redis_prefix: str) -> dict[str, str]:
+    """The environment of a test's chatd: the run's database and Redis prefix
+    (and its own Socket.IO channel), a free port, no rate limits."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "ACCESS_TOKEN_SECRET": SECRET,
+        "CHATD_REDIS_PREFIX": redis_prefix,
+        "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
+        "CHATPORT": "0",
+        "CHATD_HOST": "127.0.0.1",
+        **NO_RATE_LIMITS,
+    }
+
+
 @pytest.fixture
 def settings(database_url, redis_prefix) -> config.Settings:
     return config.load(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": REDIS_URL,
-            "ACCESS_TOKEN_SECRET": SECRET,
-            "CHATD_REDIS_PREFIX": redis_prefix,
-            "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
-            "CHATPORT": "0",
-            "CHATD_HOST": "127.0.0.1",
-            "LOG_LEVEL": "warning",
-            **NO_RATE_LIMITS,
-        },
-        use_dotenv=False,
+        {**chatd_env(database_url, redis_prefix), "LOG_LEVEL": "warning"}, use_dotenv=False
     )
 
 
@@ -207,16 +204,7 @@ def spawn(request, database_url, redis_prefix):
     started: list[ChatdProcess] = []
 
     def start(**env) -> ChatdProcess:
-        base = {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": REDIS_URL,
-            "ACCESS_TOKEN_SECRET": SECRET,
-            "CHATD_REDIS_PREFIX": redis_prefix,
-            "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
-            "CHATPORT": "0",
-            "CHATD_HOST": "127.0.0.1",
-            **NO_RATE_LIMITS,
-        }
+        base = chatd_env(database_url, redis_prefix)
         base.update({k: (None if v is None else str(v)) for k, v in env.items()})
         proc = ChatdProcess.start(base)
         started.append(proc)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import orjson
+import psycopg2
 import socketio
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
@@ -20,6 +21,18 @@ from chatd.auth import mint
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pg_query(url: str, sql: str, params=()) -> list[tuple]:
+    """Run one statement on its own autocommit connection; its rows, if any."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
 
 
 def token(user: str, ttl: float = 3600, **claims) -> str:

@@ -6,28 +6,17 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-import psycopg2
 import pytest
 
 from chatd.server import Chatd
 
 from .helpers import Api
+from .helpers import pg_query as pg
 
 
 def keys(settings, chat_id: str) -> tuple[str, str]:
     tag = f"{settings.redis_prefix}:{{chat:{chat_id}}}"
     return f"{tag}:meta", f"{tag}:rows"
-
-
-def pg(database_url: str, query: str, params=()) -> list[tuple]:
-    conn = psycopg2.connect(database_url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 async def cached_version(redis_client, settings, chat_id: str, at_least: int = 0) -> int:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import re
 
-import psycopg2
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from .helpers import Api
+from .helpers import pg_query as sql
 
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MESSAGE_KEYS = [
@@ -24,17 +24,6 @@ MESSAGE_KEYS = [
     "edited_at",
     "deleted",
 ]
-
-
-def sql(database_url: str, query: str, params=()) -> list[tuple]:
-    conn = psycopg2.connect(database_url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 async def send_many(api: Api, chat_id: str, n: int, users=("alice",)) -> list[dict]:

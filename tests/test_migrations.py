@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 
-import psycopg2
 import pytest
 from click.testing import CliRunner
 
@@ -18,17 +17,7 @@ from chatd import migrations
 from cli.main import cli
 
 from .helpers import ROOT, SECRET
-
-
-def pg(url: str, query: str, params=()) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+from .helpers import pg_query as pg
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from schemathesis import GenerationMode
 
 from chatd.openapi import document
 
-from .conftest import NO_RATE_LIMITS
-from .helpers import SECRET, Api, ChatdProcess, token
+from .conftest import chatd_env
+from .helpers import Api, ChatdProcess, token
 
 schema = schemathesis.openapi.from_dict(document())
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -23,19 +23,8 @@ FUZZ_CHAT = "fuzz"  # a chat the fuzzer's user owns, so some paths hit real rows
 
 
 @pytest.fixture(scope="module")
-def server(database_url, redis_prefix, redis_url):
-    proc = ChatdProcess.start(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "ACCESS_TOKEN_SECRET": SECRET,
-            "CHATD_REDIS_PREFIX": redis_prefix,
-            "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
-            "CHATPORT": "0",
-            "CHATD_HOST": "127.0.0.1",
-            **NO_RATE_LIMITS,
-        }
-    )
+def server(database_url, redis_prefix):
+    proc = ChatdProcess.start(chatd_env(database_url, redis_prefix))
     yield proc
     proc.stop()
     proc.log_path.unlink(missing_ok=True)
