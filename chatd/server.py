@@ -67,10 +67,15 @@ _LITERAL_SECRETS: set[str] = set()
 
 
 def redact(text: str) -> str:
-    for pattern, replacement in _SECRET_RES:
-        text = pattern.sub(replacement, text)
+    # The regular expressions only where their trigger occurs: most lines (one
+    # per request) have none, and three substitutions were ~40% of a line's cost.
+    lowered = text.lower()
+    if "token=" in lowered or "bearer" in lowered or "eyJ" in text:
+        for pattern, replacement in _SECRET_RES:
+            text = pattern.sub(replacement, text)
     for secret in _LITERAL_SECRETS:
-        text = text.replace(secret, "***")
+        if secret in text:
+            text = text.replace(secret, "***")
     return text
 
 
