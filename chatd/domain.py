@@ -388,7 +388,7 @@ class ChatService:
             return None
         message = model.message(row)
         raw = dumps(message)
-        await self.events.message_created(message, raw)
+        await self.events.message_resent(message, raw)
         return Posted(message, raw, False)
 
     async def edit(self, user_id: str, message_id: object, content: object) -> Posted:

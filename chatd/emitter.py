@@ -33,6 +33,9 @@ class RedisEmitter:
     async def message_created(self, message: dict, raw: bytes) -> None:
         await self._emit("new-message", message, message["chat_id"])
 
+    async def message_resent(self, message: dict, raw: bytes) -> None:
+        await self._emit("new-message", message, message["chat_id"])
+
     async def message_updated(self, message: dict, raw: bytes) -> None:
         await self._emit("message-updated", message, message["chat_id"])
 

@@ -11,6 +11,10 @@ from typing import Protocol
 class Events(Protocol):
     async def message_created(self, message: dict, raw: bytes) -> None: ...
 
+    async def message_resent(self, message: dict, raw: bytes) -> None:
+        """An existing message shown to the room again (the original
+        ``send-message "chat_id"`` form): the same new-message, not a new one."""
+
     async def message_updated(self, message: dict, raw: bytes) -> None: ...
 
     async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None: ...
@@ -26,6 +30,9 @@ class NullEvents:
     """Events that go nowhere (tools that run without a realtime layer)."""
 
     async def message_created(self, message: dict, raw: bytes) -> None:
+        pass
+
+    async def message_resent(self, message: dict, raw: bytes) -> None:
         pass
 
     async def message_updated(self, message: dict, raw: bytes) -> None:

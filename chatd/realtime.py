@@ -453,6 +453,9 @@ class SocketEvents:
     async def message_created(self, message: dict, raw: bytes) -> None:
         await self.sio.emit("new-message", message, room=chat_room(message["chat_id"]))
 
+    async def message_resent(self, message: dict, raw: bytes) -> None:
+        await self.message_created(message, raw)
+
     async def message_updated(self, message: dict, raw: bytes) -> None:
         await self.sio.emit("message-updated", message, room=chat_room(message["chat_id"]))
 
