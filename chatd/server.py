@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 
+import orjson
 import socketio
 import tornado.httpserver
 import tornado.iostream
@@ -270,6 +271,16 @@ class Chatd:
                     return
                 await super().post(*args, **kwargs)
 
+            def write(self, chunk):
+                # engine.io answers protocol errors (unknown session, transport
+                # or protocol version, refused origin) as text/plain; API.md
+                # gives every non-2xx answer the JSON error shape.
+                status = self.get_status()
+                if status >= 400 and isinstance(chunk, bytes) and not chunk.startswith(b'{"error"'):
+                    self.set_header("Content-Type", web.JSON_TYPE)
+                    chunk = orjson.dumps(_engineio_error(status, chunk))
+                return super().write(chunk)
+
         return SocketHandler
 
     async def readiness(self) -> list[str]:
@@ -354,6 +365,20 @@ async def _close_for_reconnect(sio: socketio.AsyncServer) -> None:
         except Exception:  # pragma: no cover - a socket already going away
             log.debug("closing socket %s", sid, exc_info=True)
         sio.eio.sockets.pop(sid, None)
+
+
+def _engineio_error(status: int, body: bytes) -> dict:
+    try:
+        message = orjson.loads(body)  # engine.io sends a JSON string
+    except orjson.JSONDecodeError:
+        message = body.decode("utf-8", "replace")
+    if not isinstance(message, str) or not message:
+        message = "bad Socket.IO request"
+    code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+            413: "payload_too_large"}.get(status)  # fmt: skip
+    if code is None:
+        code = "validation_error" if status < 500 else "unavailable"
+    return {"error": {"code": code, "message": message}}
 
 
 class _Inbox:

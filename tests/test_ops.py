@@ -301,3 +301,17 @@ async def test_tls_serves_https_and_wss_on_one_port(spawn, tmp_path, chat_id):
     with pytest.raises(socketio.exceptions.ConnectionError):
         await untrusting.connect(proc.url, auth={"token": token("alice")},
                                  transports=["websocket"], wait_timeout=5)  # fmt: skip
+
+
+@pytest.mark.gen_test
+async def test_socketio_protocol_errors_have_the_json_error_shape(chatd, api):
+    for path, message in (
+        ("/socket.io/?EIO=4&transport=polling&sid=nope", "Invalid session nope"),
+        ("/socket.io/?EIO=4&transport=carrier", "Invalid transport"),
+        ("/socket.io/?EIO=3&transport=polling", "unsupported version"),
+    ):
+        resp = await api.get(path, user=None)
+        assert resp.status == 400, (path, resp)
+        assert resp.headers["Content-Type"].startswith("application/json"), path
+        assert resp.error_code == "validation_error", (path, resp)
+        assert message in resp.json["error"]["message"], (path, resp)
