@@ -98,7 +98,7 @@ async def test_zero_setup_start_token_restart_and_no_orphans(data_dir, chat_id):
         listen = next(i for i, line in enumerate(lines) if "listening on" in line)
         assert "chatctl token USER" in lines[listen + 1], lines
         assert stat.S_IMODE((data_dir / "access_token_secret").stat().st_mode) == 0o600
-        servers = {p.name() for p in _children(proc)}
+        servers = {_name(p) for p in _children(proc)}
         assert {"postgres", "redis-server"} <= servers, servers
 
         # chatctl, given only the data folder, mints a token this chatd accepts.
@@ -164,6 +164,16 @@ def test_interrupted_first_start_is_cleaned_up_on_the_next(data_dir):
 
 
 @pytest.mark.slow
+def _name(proc: psutil.Process) -> str | None:
+    """The process's name, or None when it exited between listing and asking.
+
+    initdb and pg_ctl start short-lived children, so this race is real."""
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:  # also covers ZombieProcess
+        return None
+
+
 def test_sigterm_during_the_embedded_start_exits_cleanly(data_dir):
     """Before the event loop runs, SIGTERM still stops what was started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
@@ -179,7 +189,7 @@ def test_sigterm_during_the_embedded_start_exits_cleanly(data_dir):
         deadline = time.monotonic() + 60
         children: list[psutil.Process] = []
         while not children and time.monotonic() < deadline and proc.poll() is None:
-            children = [c for c in parent.children() if c.name() == "postgres"]
+            children = [c for c in parent.children() if _name(c) == "postgres"]
             time.sleep(0.005)
         assert children, "the embedded PostgreSQL never started"
         proc.send_signal(signal.SIGTERM)
