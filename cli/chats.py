@@ -8,7 +8,7 @@ import orjson
 from chatd import model, validate
 from chatd.errors import BadRequest
 
-from .context import Ctx, Failure, pass_ctx
+from .context import Ctx, Failure, format_option, pass_ctx
 
 PAGE = 500
 
@@ -25,14 +25,7 @@ def chats() -> None:
 
 
 @chats.command("list")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="text: a table; json: one chat per line.",
-)
+@format_option("text: a table; json: one chat per line.")
 @pass_ctx
 def list_chats(obj: Ctx, fmt: str) -> None:
     """Every chat, by id, with its member count, last seq and creation time.
@@ -69,14 +62,7 @@ def list_chats(obj: Ctx, fmt: str) -> None:
 
 @chats.command()
 @click.argument("chat_id", metavar="ID")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: the Chat object of API.md, members included.",
-)
+@format_option("json: the Chat object of API.md, members included.")
 @pass_ctx
 def show(obj: Ctx, chat_id: str, fmt: str) -> None:
     """One chat with its members and their roles.

@@ -200,6 +200,14 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def format_option(help: str):
+    """The ``--format text|json`` option (passed as ``fmt``) of the commands that print."""
+    return click.option(
+        "--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+        show_default=True, help=help,
+    )  # fmt: skip
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

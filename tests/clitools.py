@@ -21,21 +21,14 @@ from click.testing import CliRunner, Result
 
 from cli.main import cli
 
-from .conftest import REDIS_URL
-from .helpers import SECRET, pg_query
+from .conftest import deployment_env
+from .helpers import pg_query
 
 
 def chatctl_env(database_url: str, redis_prefix: str) -> dict[str, str]:
     """The settings chatctl needs to work on the same deployment as the
     ``settings``/``spawn`` fixtures (same database, prefix and channel)."""
-    return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": REDIS_URL,
-        "ACCESS_TOKEN_SECRET": SECRET,
-        "CHATD_REDIS_PREFIX": redis_prefix,
-        "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
-        "LOG_LEVEL": "warning",
-    }
+    return {**deployment_env(database_url, redis_prefix), "LOG_LEVEL": "warning"}
 
 
 # Variables of the developer's environment that would change what chatctl

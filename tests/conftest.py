@@ -144,15 +144,23 @@ def redis_client():
     client.close()
 
 
-def chatd_env(database_url: str, redis_prefix: str) -> dict[str, str]:
-    """The environment of a test's chatd: the run's database and Redis prefix
-    (and its own Socket.IO channel), a free port, no rate limits."""
+def deployment_env(database_url: str, redis_prefix: str) -> dict[str, str]:
+    """What makes chatd and chatctl one deployment in a test: the run's
+    database, secret, Redis prefix and its own Socket.IO channel."""
     return {
         "DATABASE_URL": database_url,
         "REDIS_URL": REDIS_URL,
         "ACCESS_TOKEN_SECRET": SECRET,
         "CHATD_REDIS_PREFIX": redis_prefix,
         "SOCKETIO_CHANNEL": f"{redis_prefix}:socketio",
+    }
+
+
+def chatd_env(database_url: str, redis_prefix: str) -> dict[str, str]:
+    """The environment of a test's chatd: the deployment's settings, a free
+    port, no rate limits."""
+    return {
+        **deployment_env(database_url, redis_prefix),
         "CHATPORT": "0",
         "CHATD_HOST": "127.0.0.1",
         **NO_RATE_LIMITS,
