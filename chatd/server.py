@@ -211,7 +211,7 @@ class Chatd:
 
             ssl_options = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_options.load_cert_chain(s.tls_cert_file, s.tls_key_file)
-        self.http = tornado.httpserver.HTTPServer(
+        self.http = HTTPServer(
             app,
             ssl_options=ssl_options,
             xheaders=True,
@@ -408,6 +408,24 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server with TCP_NODELAY on for each connection's life.
+
+    Tornado turns Nagle's algorithm off to finish every response and back on
+    after it: two setsockopt() calls per request (~2.5% of a history read).
+    chatd writes each answer in one piece and its websockets want no delay
+    anyway, so it is set once at accept and left alone."""
+
+    def handle_stream(self, stream, address) -> None:
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_stays_on
+        super().handle_stream(stream, address)
+
+
+def _nodelay_stays_on(value: bool) -> None:
+    pass
 
 
 def bind(settings: config.Settings, reuse_port: bool = False) -> list:

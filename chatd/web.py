@@ -12,9 +12,11 @@ import itertools
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import orjson
+import tornado.httputil
 import tornado.web
 
 from . import validate
@@ -105,6 +107,16 @@ def request_id_of(request) -> str:
     return rid
 
 
+_date = [0, ""]  # the Date header of the current second
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[0], _date[1] = now, tornado.httputil.format_timestamp(now)
+    return _date[1]
+
+
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
     """Authentication, body limits, JSON bodies, CORS and the error shape."""
@@ -122,8 +134,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._too_large = False
         self._counted = True
         ctx.inflight.enter()
-        # RequestHandler.__init__ sets the default headers before initialize()
-        # runs, so those that depend on ctx are set again now.
+        # RequestHandler.__init__ cleared the headers before ctx was here (see
+        # clear()): the default ones are set now.
         self.set_default_headers()
 
     def finish(self, chunk=None):
@@ -139,12 +151,25 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- request plumbing -------------------------------------------------------
 
+    def clear(self) -> None:
+        # Tornado's clear(), without formatting the Date header anew for every
+        # response (once a second here) or announcing "TornadoServer/x.y".
+        # RequestHandler.__init__ calls it before initialize(): the headers
+        # that need ctx are set by set_default_headers() once ctx is there.
+        headers = tornado.httputil.HTTPHeaders()
+        headers["Content-Type"] = JSON_TYPE
+        headers["Date"] = _http_date()
+        self._headers = headers
+        if getattr(self, "ctx", None) is not None:
+            self.set_default_headers()
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = "OK"
+
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", JSON_TYPE)
         self.set_header("X-Request-Id", request_id_of(self.request))
-        ctx = getattr(self, "ctx", None)
-        if ctx is None:
-            return
+        ctx = self.ctx
         if _origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
             self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")
