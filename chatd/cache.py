@@ -36,6 +36,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from . import autopipe
+
 log = logging.getLogger("chatd.cache")
 
 # The newest page, built in Redis. ARGV: limit, include_deleted (0|1).
@@ -48,15 +50,24 @@ log = logging.getLogger("chatd.cache")
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'version', 'complete')
 if not m[1] then return false end
-local rows = redis.call('LRANGE', KEYS[2], 0, -1)
 local limit = tonumber(ARGV[1])
 local all = ARGV[2] == '1'
 local picked = {}
-local i = #rows
-while i >= 1 and #picked <= limit do
-  local r = rows[i]
-  if all or string.sub(r, -15) ~= '"deleted":true}' then picked[#picked + 1] = r end
-  i = i - 1
+-- Newest first, fetching only as many rows as are still wanted (all of
+-- them at once unless tombstones are skipped): Redis copies each row it
+-- hands to Lua, so a page of 50 must not cost a window of 200.
+local stop = redis.call('LLEN', KEYS[2]) - 1
+while stop >= 0 and #picked <= limit do
+  local start = stop - (limit + 1 - #picked) + 1
+  if start < 0 then start = 0 end
+  local rows = redis.call('LRANGE', KEYS[2], start, stop)
+  local i = #rows
+  while i >= 1 and #picked <= limit do
+    local r = rows[i]
+    if all or string.sub(r, -15) ~= '"deleted":true}' then picked[#picked + 1] = r end
+    i = i - 1
+  end
+  stop = start - 1
 end
 local more = 0
 if #picked > limit then
@@ -83,9 +94,13 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-# ARGV: version, first_seq, cap, ttl, rows... (consecutive seqs from first_seq).
-# Applies only on top of exactly version - 1 ending at first_seq - 1.
+# ARGV: version, first_seq, cap, ttl, channel, payload, rows... (consecutive
+# seqs from first_seq). Publishes payload on channel first, whatever the page
+# holds (channel '': nothing to publish), so the new messages' announcement to
+# the other processes costs no round trip of its own. Applies the rows only on
+# top of exactly version - 1 ending at first_seq - 1.
 _APPEND = """
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
 if not m[1] then return 0 end
 local v = tonumber(ARGV[1])
@@ -94,13 +109,13 @@ if tonumber(m[1]) ~= v - 1 or tonumber(m[2]) ~= first - 1 then
   redis.call('DEL', KEYS[1], KEYS[2])
   return -1
 end
-local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 5))
+local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
 local cap = tonumber(ARGV[3])
 if n > cap then
   redis.call('LTRIM', KEYS[2], -cap, -1)
   redis.call('HSET', KEYS[1], 'complete', '0')
 end
-redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 5)
+redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 7)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
@@ -146,6 +161,7 @@ class PageCache:
             self._fill = client.register_script(_FILL)
             self._append = client.register_script(_APPEND)
             self._replace = client.register_script(_REPLACE)
+            self._batch = autopipe.batcher(client)
 
     @property
     def enabled(self) -> bool:
@@ -165,8 +181,8 @@ class PageCache:
         if not self.enabled:
             return None
         try:
-            reply = await self._read(
-                keys=self._keys(chat_id), args=[limit, 1 if include_deleted else 0]
+            reply = await self._batch.run(
+                self._read, self._keys(chat_id), [limit, 1 if include_deleted else 0]
             )
         except (RedisError, OSError) as exc:
             self._failed("cache read", exc)
@@ -187,16 +203,25 @@ class PageCache:
         except (RedisError, OSError) as exc:
             self._failed("cache fill", exc)
 
-    async def appended(self, chat_id: str, version: int, first_seq: int,
-                       rows: list[bytes]) -> None:  # fmt: skip
+    async def appended(self, chat_id: str, version: int, first_seq: int, rows: list[bytes],
+                       publish: tuple[str, bytes] | None = None) -> bool:  # fmt: skip
+        """Put newly committed rows on the cached page, and publish
+        ``publish`` (channel, payload) in the same round trip. False when
+        that did not happen (the cache is off or Redis failed): the caller
+        publishes on its own."""
         if not self.enabled:
-            return
+            return False
+        channel, payload = publish or ("", b"")
         try:
-            await self._append(
-                keys=self._keys(chat_id), args=[version, first_seq, self.rows, self._ttl, *rows]
+            await self._batch.run(
+                self._append,
+                self._keys(chat_id),
+                [version, first_seq, self.rows, self._ttl, channel, payload, *rows],
             )
         except (RedisError, OSError) as exc:
             self._failed("cache append", exc)
+            return False
+        return True
 
     async def replaced(self, chat_id: str, version: int, seq: int, row: bytes) -> None:
         if not self.enabled:
@@ -227,15 +252,25 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
+# Connections one chatd process opens to Redis at most. Past this, a call
+# waits (up to its timeout) for a free one: redis-py's default pool instead
+# fails every call beyond 100 at once ("Too many connections"), which a burst
+# of socket connections (presence) reached.
+MAX_CONNECTIONS = 64
+
+
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A Redis client whose every call is bounded by ``timeout`` seconds."""
     # One retry: after a Redis restart the pooled socket is dead and the first
     # attempt fails at once; the retry reconnects. More would only stretch an
     # outage into request latency.
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)

@@ -7,19 +7,30 @@ for them all. Queueing a packet on an engine.io socket is an
 tasks buy no concurrency: at 500 sockets and 20 messages/s they were 10,000
 task creations a second. chatd's managers (chatd.realtime) queue the packet
 on each recipient in turn instead. Every packet still goes through the
-socket's own queue and writer, so events and acks keep the order they were
-queued in.
+socket's own ``send()``, so events and acks keep the order they were sent in.
+
+That ``send()`` is :class:`DirectSocket`'s: when the socket's websocket writer
+is idle, the packet is framed and written right there, with no task wake-up
+(see the class for why that keeps the order).
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from urllib.parse import urlsplit
+
+import engineio
+from engineio import exceptions
 from engineio import packet as eio_packet
+from engineio.async_socket import AsyncSocket
 from socketio import packet
 
 
 async def _deliver(manager, event, data, namespace, room, skip_sid) -> None:
-    if namespace not in manager.rooms:
-        return
+    rooms = manager.rooms.get(namespace)
+    if not rooms or (isinstance(room, str) and room not in rooms):
+        return  # no socket of that room here: nothing to encode
     if isinstance(data, tuple):
         data = list(data)
     elif data is not None:
@@ -60,3 +71,285 @@ async def deliver_message(manager, message: dict) -> bool:
         message.get("skip_sid"),
     )
     return True
+
+
+# -- engine.io sockets that write to an idle websocket at once -----------------
+
+
+class DirectSocket(AsyncSocket):
+    """An engine.io socket whose packets skip the writer task when they can.
+
+    engine.io (python-engineio's ``AsyncSocket``) sends every packet through
+    the socket's queue: ``send()`` puts it there and a writer task per
+    websocket wakes up, takes it (``poll()``), encodes it and writes the frame.
+    Under fanout that is a wake-up per socket per event (10,000 a second at 500
+    sockets and 20 messages/s), and on Python 3.11 ``poll()``'s
+    ``asyncio.wait_for`` creates one more Task per wake-up.
+
+    Two changes, each keeping engine.io's order of packets on the socket:
+
+    - **The direct path.** While the writer is parked on an empty queue, with
+      nothing in its hands, a packet sent to a websocket that is fully
+      upgraded and not closing is encoded and framed at once, in the caller's
+      call. ``_write`` is the websocket's (synchronous) ``write_message``
+      exactly while that holds: ``poll()`` sets it when it finds the queue
+      empty and waits, and clears it as soon as it takes a packet off the
+      queue, before it writes anything. So a packet is written directly only
+      when nothing is queued ahead of it nor being written, and once one
+      packet is queued (an upgrade in progress, a close, a write that
+      failed), every later packet is queued behind it until the writer has
+      written them all and parks again. Events, acks and pings of one socket
+      all take this same ``send()``, so they keep the order they were sent
+      in. Long-polling, the upgrade handshake and closing use engine.io's
+      own code unchanged (``_write`` is never set for them).
+    - **A writer that waits on the queue itself** (only a websocket's writer:
+      a long-polling GET keeps engine.io's ``poll()`` and its timeout, which
+      ends a poll nobody answers). engine.io's writer gave up after
+      ``ping_interval + ping_timeout`` without a packet; since pings may now
+      be written directly, its queue can stay empty much longer, and that
+      timeout would close a healthy connection. The reader's own timeout
+      (the client's pongs stop) and ``check_ping_timeout()`` still end a dead
+      connection, and its end wakes the writer with the ``None`` it queues.
+
+    engine.io has no factory for its sockets: :class:`EngineServer` makes each
+    new socket a DirectSocket (see there).
+    """
+
+    # The websocket's write_message while the writer is parked on an empty
+    # queue (the direct path is open); None otherwise.
+    _write = None
+    # The write_message of the websocket this socket's writer (will) write to.
+    _ws_write = None
+
+    async def send(self, pkt):
+        """Send a packet: written now when the direct path is open, else queued
+        (engine.io's send, otherwise unchanged)."""
+        if not await self.check_ping_timeout():
+            return
+        write = self._write
+        if write is not None and not self.closing and self.queue.empty():
+            try:
+                data = pkt.encode()
+                write(data, binary=isinstance(data, bytes))
+                self.server.direct_writes += 1
+                return
+            except Exception:
+                # A closed websocket, typically. Not raised to the caller (a
+                # broadcast would stop short of the other sockets): queued, the
+                # packet meets the same failure in the writer, which ends the
+                # connection as engine.io does.
+                self._write = None
+        await self.queue.put(pkt)
+
+    async def poll(self):
+        if not self.upgraded:  # long-polling: engine.io's own
+            return await super().poll()
+        queue = self.queue
+        if queue.empty():
+            self._write = self._ws_write  # parked, nothing in hand: open
+            try:
+                first = await queue.get()
+            except asyncio.CancelledError:
+                raise exceptions.QueueEmpty() from None
+            finally:
+                self._write = None  # closed before anything is written
+        else:
+            first = queue.get_nowait()
+        queue.task_done()
+        if first is None:
+            return []
+        packets = [first]
+        while not queue.empty():
+            pkt = queue.get_nowait()
+            queue.task_done()
+            if pkt is None:
+                queue.put_nowait(None)  # the next poll ends the writer
+                break
+            packets.append(pkt)
+        return packets
+
+    async def _websocket_handler(self, ws):
+        # The websocket this socket's writer will write to. Tornado's
+        # write_message frames the message and hands it to the stream before
+        # it returns (with or without compression; only the returned future,
+        # which engine.io never awaits either, completes later), so a direct
+        # write has taken its place in the stream when the call returns. Only
+        # the first websocket handler of a socket owns it (engine.io refuses a
+        # second upgrade once one succeeded).
+        handler = getattr(ws, "tornado_handler", None)
+        owner = self._ws_write is None and handler is not None
+        if owner:
+            self._ws_write = handler.write_message
+        try:
+            return await super()._websocket_handler(ws)
+        finally:
+            if owner:
+                self._ws_write = None
+                self._write = None
+
+
+class EngineServer(engineio.AsyncServer):
+    """python-engineio's server, with :class:`DirectSocket` sockets.
+
+    engine.io creates its sockets in ``_handle_connect`` as
+    ``async_socket.AsyncSocket`` and offers no factory or option to change
+    that. Rather than copy that method (and drift from it on upgrades), the
+    new socket becomes a DirectSocket (a subclass that adds only methods and
+    two class-level defaults, so the instance is unchanged) when engine.io
+    announces it with its ``connect`` event: before its first poll or
+    websocket exists, and only on this server. python-socketio builds its
+    engine.io server from ``AsyncServer._engineio_server_class()``, which
+    chatd's server (chatd.realtime.ChatServer) points here."""
+
+    # Packets written by the direct path since start (tests check that it runs).
+    direct_writes = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # This server's own copy of the driver table (it is shared by module).
+        self._async = {**self._async, "translate_request": translate_request}
+
+    def create_queue(self, *args, **kwargs) -> SocketQueue:
+        return SocketQueue()
+
+    async def _trigger_event(self, event, *args, **kwargs):
+        if event == "connect":
+            sock = self.sockets.get(args[0])
+            if sock is not None and type(sock) is AsyncSocket:
+                sock.__class__ = DirectSocket
+        return await super()._trigger_event(event, *args, **kwargs)
+
+
+class _Payload:
+    """A request body as engine.io reads it (``await environ["wsgi.input"].read()``)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes | None):
+        self.payload = payload or b""
+
+    async def read(self, length: int | None = None) -> bytes:
+        if length is None:
+            r, self.payload = self.payload, b""
+        else:
+            r, self.payload = self.payload[:length], self.payload[length:]
+        return r
+
+
+def translate_request(handler) -> dict:
+    """engine.io's Tornado driver's ``translate_request`` (the request as a
+    WSGI environ), without the class it defines on every call for the body.
+    A class is a reference cycle: each one lived until a full garbage
+    collection, ~1.6 KB per websocket connection and per long-poll request,
+    and defining it cost CPU on every request."""
+    request = handler.request
+    full_uri = request.path + ("?" + request.query if request.query else "")
+    environ = {
+        "wsgi.input": _Payload(request.body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.version": (1, 0),
+        "wsgi.async": True,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "SERVER_SOFTWARE": "aiohttp",
+        "REQUEST_METHOD": request.method,
+        "QUERY_STRING": request.query or "",
+        "RAW_URI": full_uri,
+        "SERVER_PROTOCOL": f"HTTP/{request.version}",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "0",
+        "SERVER_NAME": "aiohttp",
+        "SERVER_PORT": "0",
+        "tornado.handler": handler,
+    }
+    for name, value in request.headers.items():
+        name = name.upper()
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+        elif name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+        else:
+            environ["HTTP_" + name.replace("-", "_")] = value
+    environ["wsgi.url_scheme"] = environ.get("HTTP_X_FORWARDED_PROTO", "http")
+    environ["PATH_INFO"] = urlsplit(request.path).path
+    environ["SCRIPT_NAME"] = ""
+    return environ
+
+
+class SocketQueue:
+    """The part of asyncio.Queue an engine.io socket uses (unbounded: put,
+    put_nowait, get, get_nowait, empty, qsize, task_done, join), with the same
+    semantics, in a fraction of the memory. Every socket has one, mostly idle:
+    asyncio.Queue keeps four deques (~760 B each, even when empty) and an
+    Event; this keeps a list, and futures only while someone waits."""
+
+    __slots__ = ("_getters", "_items", "_joiners", "_unfinished")
+
+    def __init__(self):
+        self._items: list = []
+        self._getters: list[asyncio.Future] | None = None
+        self._joiners: list[asyncio.Future] | None = None
+        self._unfinished = 0
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        self._unfinished += 1
+        self._wake_getter()
+
+    async def put(self, item) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self):
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.pop(0)
+
+    async def get(self):
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()  # as asyncio.Queue: a wake-up it got goes to the next
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                if self._items and not getter.cancelled():
+                    self._wake_getter()
+                raise
+        return self._items.pop(0)
+
+    def task_done(self) -> None:
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._joiners:
+            for joiner in self._joiners:
+                if not joiner.done():
+                    joiner.set_result(None)
+            self._joiners = None
+
+    async def join(self) -> None:
+        if self._unfinished > 0:
+            joiner = asyncio.get_running_loop().create_future()
+            if self._joiners is None:
+                self._joiners = []
+            self._joiners.append(joiner)
+            await joiner
+
+    def _wake_getter(self) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return

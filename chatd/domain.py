@@ -248,11 +248,19 @@ class ChatService:
         message = model.message(sent.row)
         raw = dumps(message)
         if sent.created:
-            # Cache before the event: a client that reacts to new-message by
-            # re-fetching then finds the page warm (it is correct either way).
-            await self.cache.appended(chat_id, sent.version, message["seq"], [raw])
-            await self.events.message_created(message, raw)
+            await self._announce(chat_id, sent.version, [message], [raw])
         return Posted(message, raw, sent.created)
+
+    async def _announce(self, chat_id: str, version: int, messages: list[dict],
+                        raws: list[bytes]) -> None:  # fmt: skip
+        """Committed messages reach the cached page, the other processes and
+        this process's sockets: one Redis round trip (the cache's append
+        script also publishes). The cache first: a client that reacts to
+        new-message by re-fetching finds the page warm (correct either way)."""
+        news = self.events.created(messages, raws)
+        if not await self.cache.appended(chat_id, version, messages[0]["seq"], raws, news.remote):
+            await news.publish()
+        await news.deliver()
 
     async def _drain(self, chat_id: str, lane: list[_Queued]) -> None:
         """Commit a lane's queued sends in batches until it is empty."""
@@ -297,9 +305,7 @@ class ChatService:
             messages = [model.message(r) for r in created]
             raws = [dumps(m) for m in messages]
             if created:
-                await self.cache.appended(chat_id, version, messages[0]["seq"], raws)
-                for message, raw in zip(messages, raws, strict=True):
-                    await self.events.message_created(message, raw)
+                await self._announce(chat_id, version, messages, raws)
             # Created rows come back in input order (seq follows ordinality),
             # so one walk pairs each item with its row, its original or a refusal.
             i = 0

@@ -10,9 +10,32 @@ holds the truth and a client that misses an event sees the gap in ``seq``.
 
 from __future__ import annotations
 
+import orjson
 import socketio
 
-from .realtime import OrjsonPackets, chat_room
+from .realtime import OrjsonPackets, chat_room, emit_message, publication
+
+
+class _Published:
+    """chatd.events.Announcement for a process without sockets: publish only."""
+
+    __slots__ = ("manager", "remote")
+
+    def __init__(self, manager, payload: bytes):
+        self.manager = manager
+        self.remote = (manager.channel, payload)
+
+    async def publish(self) -> None:
+        manager = self.manager
+        try:
+            if not manager.connected:
+                manager._redis_connect()
+            await manager.redis.publish(manager.channel, self.remote[1])
+        except Exception:  # best effort, like every publish (see above)
+            manager.connected = False
+
+    async def deliver(self) -> None:
+        pass
 
 
 class RedisEmitter:
@@ -30,8 +53,11 @@ class RedisEmitter:
     async def _emit(self, event: str, data: dict, chat_id: str) -> None:
         await self.manager.emit(event, data, room=chat_room(chat_id), namespace="/")
 
-    async def message_created(self, message: dict, raw: bytes) -> None:
-        await self._emit("new-message", message, message["chat_id"])
+    def created(self, messages: list[dict], raws: list[bytes]) -> _Published:
+        room = chat_room(messages[0]["chat_id"])
+        host = self.manager.host_id
+        emits = [emit_message("new-message", orjson.Fragment(r), room, host) for r in raws]
+        return _Published(self.manager, publication(emits, host))
 
     async def message_resent(self, message: dict, raw: bytes) -> None:
         await self._emit("new-message", message, message["chat_id"])

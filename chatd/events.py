@@ -8,8 +8,27 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class Announcement(Protocol):
+    """New messages of one chat, on their way to every socket in its room.
+
+    ``remote`` is what other processes must receive (a channel and a ready
+    payload), so that the caller can publish it in the same Redis round trip
+    as its own write (the page cache's append script does); when it could
+    not, it calls :meth:`publish`. Then :meth:`deliver` hands them to this
+    process's sockets.
+    """
+
+    remote: tuple[str, bytes] | None
+
+    async def publish(self) -> None: ...
+
+    async def deliver(self) -> None: ...
+
+
 class Events(Protocol):
-    async def message_created(self, message: dict, raw: bytes) -> None: ...
+    def created(self, messages: list[dict], raws: list[bytes]) -> Announcement:
+        """Messages just committed to one chat, ascending by seq (``raws``:
+        the same messages as JSON)."""
 
     async def message_resent(self, message: dict, raw: bytes) -> None:
         """An existing message shown to the room again (the original
@@ -26,11 +45,26 @@ class Events(Protocol):
     async def typing(self, chat_id: str, user_id: str) -> None: ...
 
 
+class Silence:
+    """An announcement that goes nowhere."""
+
+    remote = None
+
+    async def publish(self) -> None:
+        pass
+
+    async def deliver(self) -> None:
+        pass
+
+
+SILENCE = Silence()
+
+
 class NullEvents:
     """Events that go nowhere (tools that run without a realtime layer)."""
 
-    async def message_created(self, message: dict, raw: bytes) -> None:
-        pass
+    def created(self, messages: list[dict], raws: list[bytes]) -> Announcement:
+        return SILENCE
 
     async def message_resent(self, message: dict, raw: bytes) -> None:
         pass

@@ -27,6 +27,7 @@ import time
 
 from redis.exceptions import RedisError
 
+from . import autopipe
 from .errors import RateLimited
 
 log = logging.getLogger("chatd.limits")
@@ -71,6 +72,7 @@ class RateLimiter:
         self.failed_open = 0  # hits allowed because Redis did not answer
         if client is not None:
             self._hit = client.register_script(_HIT)
+            self._batch = autopipe.batcher(client)
 
     async def check(self, user_id: str, *kinds: str) -> None:
         """Count one action of ``user_id`` against each budget in ``kinds`` (one
@@ -90,7 +92,9 @@ class RateLimiter:
             keys = [f"{self._prefix}:rl:{{{user_id}}}:{k}" for k, _ in budgets]
             windows = [int(b[1] * 1000) for _, b in budgets]
             try:
-                reply = await asyncio.wait_for(self._hit(keys=keys, args=windows), self._timeout)
+                reply = await asyncio.wait_for(
+                    self._batch.run(self._hit, keys, windows), self._timeout
+                )
             except (RedisError, OSError, TimeoutError) as exc:
                 if not self._failing:  # once per outage, not once per request
                     log.warning("rate limits off: Redis does not answer (%s)", exc or "timeout")

@@ -122,9 +122,9 @@ class CountingEvents:
         self._inner = inner
         self._metrics = metrics
 
-    async def message_created(self, message: dict, raw: bytes) -> None:
-        self._metrics.messages.inc()
-        await self._inner.message_created(message, raw)
+    def created(self, messages: list[dict], raws: list[bytes]):
+        self._metrics.messages.inc(len(messages))
+        return self._inner.created(messages, raws)
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)

@@ -21,6 +21,10 @@ delivered (each process knows only its own sockets):
 - Internal events (``INTERNAL_*``) that are never sent to a socket but run a
   hook on every process: a removed member's sockets leave the chat's room
   wherever they are connected.
+- Batches: a group commit's new messages go out as one publication
+  (``{"method": "chatd:batch", "messages": [emit, ...]}``, unwrapped in
+  order by the listener), published by the page cache's append script in the
+  same Redis round trip as the cache write (see ``ChatService._announce``).
 
 What these keep per process (held events, floors, sid -> user) is about the
 sockets connected to *this* process and dies with them; everything shared
@@ -31,7 +35,9 @@ its internal methods (stable across 5.x, and every one exercised by
 tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncServer._handle_event_internal`` (after-ack hooks),
 ``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
-``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``.
+``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
+``AsyncServer._engineio_server_class`` for chatd's engine.io server
+(chatd.delivery, exercised by tests/test_realtime_delivery.py).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import socketio
 from redis.exceptions import RedisError
 from socketio.async_manager import AsyncManager
 from socketio.async_pubsub_manager import AsyncPubSubManager
+from tornado.httputil import HTTPHeaders
 
 from . import delivery, validate
 from .auth import TokenVerifier, bearer
@@ -78,6 +85,9 @@ LISTEN_PING_INTERVAL = 5.0
 LISTEN_RETRY = (0.2, 5.0)
 # After a failed publish, skip publishing for this long (seconds).
 PUBLISH_PAUSE = 1.0
+# A pub/sub message carrying several emits, in order (a group commit's new
+# messages): one PUBLISH, and one message to read on every process.
+BATCH = "chatd:batch"
 
 
 def chat_room(chat_id: str) -> str:
@@ -86,6 +96,22 @@ def chat_room(chat_id: str) -> str:
 
 def user_room(user_id: str) -> str:
     return f"user:{user_id}"
+
+
+def emit_message(event: str, data, room: str, host_id: str) -> dict:
+    """python-socketio's pub/sub message for a plain emit to a room."""
+    return {
+        "method": "emit", "event": event, "data": [data], "binary": False, "namespace": "/",
+        "room": room, "skip_sid": None, "callback": None, "host_id": host_id,
+    }  # fmt: skip
+
+
+def publication(emits: list[dict], host_id: str) -> bytes:
+    """The payload that tells other processes about ``emits`` (in order)."""
+    if len(emits) == 1:
+        return orjson.dumps(emits[0])
+    # host_id last, as in python-socketio's own messages (see RedisChatManager._unbatch)
+    return orjson.dumps({"method": BATCH, "messages": emits, "host_id": host_id})
 
 
 class OrjsonPackets:
@@ -127,12 +153,17 @@ def after_ack(hook: Callable[[], Awaitable[None]]) -> bool:
 
 
 class ChatServer(socketio.AsyncServer):
-    """python-socketio's server, plus :func:`after_ack` hooks.
+    """python-socketio's server, plus :func:`after_ack` hooks, on chatd's
+    engine.io server (:class:`chatd.delivery.EngineServer`: packets to an idle
+    websocket are written at once instead of through a writer task).
 
     The handler's return value becomes the ack, sent by python-socketio after
     the handler returns; a join-chat must release the events it held back
     only after that. The event handler runs inside this method's task, so a
     context variable carries the hooks from the handler to here."""
+
+    def _engineio_server_class(self):
+        return delivery.EngineServer
 
     async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
         hooks: list = []
@@ -338,11 +369,15 @@ class LocalChatManager(ChatManagerMixin, AsyncPubSubManager):
     """One process, no Redis: the same hooks, and nothing to publish to."""
 
     name = "chatd-local"
+    channel = None  # nothing to publish to
 
     def initialize(self):
         AsyncManager.initialize(self)  # no listener: there is no queue
 
     async def _publish(self, data):
+        return None
+
+    async def publish_raw(self, payload: bytes) -> None:
         return None
 
 
@@ -376,8 +411,12 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         self._publish_down_until = 0.0
         # Set while Redis has confirmed our subscription.
         self.subscribed = asyncio.Event()
+        self._own_suffix = f'"host_id":"{self.host_id}"}}'.encode()
 
     async def _publish(self, data):
+        return await self.publish_raw(self.json.dumps(data))
+
+    async def publish_raw(self, payload: bytes | str) -> None:
         now = time.monotonic()
         if now < self._publish_down_until:
             # A circuit breaker: while Redis fails, emits do not each wait for
@@ -385,13 +424,33 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
             # about to be; the other processes miss the event either way).
             return None
         try:
-            return await self.publisher.publish(self.channel, self.json.dumps(data))
+            return await self.publisher.publish(self.channel, payload)
         except (RedisError, OSError) as exc:
             self._publish_down_until = time.monotonic() + PUBLISH_PAUSE
             if now - self._publish_failing_since > 10:
                 log.warning("cannot publish to Redis (%s): other processes miss events", exc)
                 self._publish_failing_since = now
             return None
+
+    def _unbatch(self, raw: bytes) -> list:
+        """A received payload as python-socketio's messages (dicts): a batch is
+        its emits, in order. Our own emits and batches come back too and are
+        skipped unparsed: every message that python-socketio's listener would
+        drop as ours (all but callbacks) ends with our host_id, and no other
+        can (a host_id is a random 128-bit id, and a string inside the JSON
+        cannot contain an unescaped quote)."""
+        if raw.endswith(self._own_suffix):
+            return []
+        try:
+            data = self.json.loads(raw)
+        except ValueError:
+            return []
+        if isinstance(data, dict) and data.get("method") == BATCH:
+            messages = data.get("messages")
+            if data.get("host_id") == self.host_id or not isinstance(messages, list):
+                return []
+            return [m for m in messages if isinstance(m, dict)]
+        return [data]
 
     async def _listen(self):
         channel = self.channel.encode()
@@ -420,7 +479,8 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
                         continue
                     pinged = False
                     if msg.get("type") == "message" and msg.get("channel") == channel:
-                        yield msg["data"]
+                        for data in self._unbatch(msg["data"]):
+                            yield data
                     elif msg.get("type") == "subscribe":
                         self.subscribed.set()
             except asyncio.CancelledError:
@@ -444,17 +504,46 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
 # -- domain events -> emits ------------------------------------------------------
 
 
+class NewMessages:
+    """chatd.events.Announcement of new messages over a chat manager: one
+    ``new-message`` emit per message, published together (one payload), and
+    delivered here through the manager's filters (join hold-back, floors)."""
+
+    __slots__ = ("manager", "messages", "remote", "room")
+
+    def __init__(self, manager, messages: list[dict], raws: list[bytes]):
+        self.manager = manager
+        self.room = chat_room(messages[0]["chat_id"])
+        self.messages = messages
+        channel = getattr(manager, "channel", None)
+        self.remote = None
+        if channel is not None:
+            # The JSON is already made: other processes get it as is.
+            host = manager.host_id
+            emits = [emit_message("new-message", orjson.Fragment(r), self.room, host) for r in raws]
+            self.remote = (channel, publication(emits, host))
+
+    async def publish(self) -> None:
+        if self.remote is not None:
+            await self.manager.publish_raw(self.remote[1])
+
+    async def deliver(self) -> None:
+        host = self.manager.host_id
+        for message in self.messages:
+            await self.manager._handle_emit(emit_message("new-message", message, self.room, host))
+
+
 class SocketEvents:
     """chatd.events.Events, delivered to Socket.IO rooms (on every process)."""
 
     def __init__(self, sio: socketio.AsyncServer):
         self.sio = sio
 
-    async def message_created(self, message: dict, raw: bytes) -> None:
-        await self.sio.emit("new-message", message, room=chat_room(message["chat_id"]))
+    def created(self, messages: list[dict], raws: list[bytes]) -> NewMessages:
+        return NewMessages(self.sio.manager, messages, raws)
 
     async def message_resent(self, message: dict, raw: bytes) -> None:
-        await self.message_created(message, raw)
+        await self.sio.emit("new-message", message, room=chat_room(message["chat_id"]))
 
     async def message_updated(self, message: dict, raw: bytes) -> None:
         await self.sio.emit("message-updated", message, room=chat_room(message["chat_id"]))
@@ -582,6 +671,12 @@ class ChatNamespace(socketio.AsyncNamespace):
         # life; nothing here reads it again. Dropping the rest (a copy of every
         # header, and the per-request class engine.io's Tornado driver makes)
         # is ~4 KB per idle socket.
+        handler = environ.get("tornado.handler")
+        if handler is not None and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            # Tornado keeps the upgrade request, with every header parsed, for
+            # the websocket's life; only the handshake (and its access line,
+            # written with the 101) read them: ~3 KB per idle socket.
+            handler.request.headers = HTTPHeaders()
         for key in [k for k in environ if k not in _ENVIRON_KEEP]:
             del environ[key]
         await self.enter_room(sid, user_room(user_id))

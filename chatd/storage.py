@@ -20,6 +20,7 @@ import aiopg
 import psycopg2
 import psycopg2.errors
 
+from .coalesce import Coalescer
 from .errors import Conflict, Unavailable
 
 log = logging.getLogger("chatd.storage")
@@ -114,6 +115,16 @@ class SQL:
           LEFT JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = %(user_id)s
          WHERE c.id = %(chat_id)s"""
 
+    # The same for many (chat, caller) pairs at once (coalesced access checks,
+    # see Storage.access): one row per pair whose chat exists, tagged with the
+    # pair's 1-based position.
+    ACCESS_MANY = """
+        SELECT q.i, c.visibility, c.last_seq, c.version, cm.role
+          FROM unnest(%(chat_ids)s::text[], %(user_ids)s::text[])
+               WITH ORDINALITY AS q(chat_id, user_id, i)
+          JOIN chats c ON c.id = q.chat_id
+          LEFT JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = q.user_id"""
+
     # A send is ONE statement, so one round trip and one implicit transaction:
     # the UPDATE takes the chat row's lock (serialising that chat's senders, so
     # seq is gapless and in commit order) and only matches when the sender may
@@ -184,6 +195,47 @@ class SQL:
             RETURNING *
         )
         SELECT {MSG_COLS}, bump.version FROM m, bump ORDER BY m.seq"""
+
+    # Sends to several chats, one each (the uncontended sends of one loop
+    # iteration; see Storage.send), in one statement: one transaction, one
+    # WAL flush. Each is exactly SEND's rule for its own chat: its chat's
+    # row is locked and bumped by one, and it is kept only if its sender may
+    # post. The chats' rows are locked in id order first, so two such
+    # statements never wait for each other in a cycle. A repeated client_id
+    # aborts the whole statement (the caller then sends one by one). One row
+    # per created message: its position in the input, the message, the
+    # chat's new version and whether the poster joined a public chat.
+    SEND_MANY = f"""
+        WITH input AS (
+            SELECT t.*
+              FROM unnest(%(chat_ids)s::text[], %(senders)s::text[], %(contents)s::text[],
+                          %(client_ids)s::text[])
+                   WITH ORDINALITY AS t(chat_id, sender_id, content, client_id, ord)
+        ), locked AS (
+            SELECT c.id FROM chats c WHERE c.id IN (SELECT chat_id FROM input)
+             ORDER BY c.id FOR UPDATE
+        ), c AS (
+            UPDATE chats
+               SET last_seq = last_seq + 1, version = version + 1
+              FROM locked l JOIN input i ON i.chat_id = l.id
+             WHERE chats.id = l.id
+               AND (chats.visibility = 'public'
+                    OR EXISTS (SELECT 1 FROM chat_members
+                                WHERE chat_id = l.id AND user_id = i.sender_id))
+         RETURNING chats.id, chats.last_seq, chats.version, chats.visibility,
+                   i.sender_id, i.content, i.client_id, i.ord
+        ), j AS (
+            INSERT INTO chat_members (chat_id, user_id)
+            SELECT id, sender_id FROM c WHERE visibility = 'public'
+            ON CONFLICT DO NOTHING
+            RETURNING chat_id
+        ), m AS (
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
+            SELECT id, last_seq, sender_id, content, client_id FROM c
+            RETURNING *
+        )
+        SELECT c.ord, {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j WHERE j.chat_id = c.id)
+          FROM m JOIN c ON c.id = m.chat_id"""
 
     BY_CLIENT_IDS = f"""
         SELECT {MSG_COLS} FROM messages m
@@ -344,8 +396,10 @@ class Q:
     """The hot queries, prepared on every pooled connection (see Stmt)."""
 
     ACCESS = Stmt("chatd_access", SQL.ACCESS)
+    ACCESS_MANY = Stmt("chatd_access_many", SQL.ACCESS_MANY)
     SEND = Stmt("chatd_send", SQL.SEND)
     SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
+    SEND_MANY = Stmt("chatd_send_many", SQL.SEND_MANY)
     BY_CLIENT_ID = Stmt("chatd_by_client_id", SQL.BY_CLIENT_ID)
     CACHE_FILL = Stmt("chatd_cache_fill", SQL.CACHE_FILL)
     LATEST = Stmt("chatd_latest", SQL.LATEST)
@@ -382,11 +436,82 @@ async def _run(cur, sql: str | Stmt, params: dict) -> None:
         await cur.execute(sql.sql, params)
 
 
+class _AccessChecks(Coalescer):
+    """Access checks of one loop iteration, as one query (chatd.coalesce)."""
+
+    def __init__(self, storage: Storage):
+        super().__init__()
+        self._storage = storage
+
+    async def one(self, call: tuple[str, str]) -> Access | None:
+        row = await self._storage._one(Q.ACCESS, {"chat_id": call[0], "user_id": call[1]})
+        return Access(*row) if row else None
+
+    async def many(self, calls: list[tuple[str, str]]) -> list[Access | None]:
+        params = {"chat_ids": [c for c, _ in calls], "user_ids": [u for _, u in calls]}
+        found = {
+            row[0]: Access(*row[1:]) for row in await self._storage._all(Q.ACCESS_MANY, params)
+        }
+        return [found.get(i) for i in range(1, len(calls) + 1)]
+
+
+class _Sends(Coalescer):
+    """Sends of one loop iteration, as one statement (chatd.coalesce): one
+    transaction and one WAL flush for many chats. The domain sends to a chat
+    one transaction at a time (its group-commit lanes), so a batch normally
+    holds each chat once; a chat that comes twice is sent on its own after."""
+
+    def __init__(self, storage: Storage):
+        super().__init__()
+        self._storage = storage
+
+    async def one(self, call: tuple) -> Sent | None:
+        return await self._storage.send_one(*call)
+
+    async def many(self, calls: list[tuple]) -> list:
+        first: dict[str, int] = {}
+        for i, call in enumerate(calls):
+            first.setdefault(call[0], i)
+        together = sorted(first.values())
+        results: list = [None] * len(calls)
+        params = {
+            "chat_ids": [calls[i][0] for i in together],
+            "senders": [calls[i][1] for i in together],
+            "contents": [calls[i][2] for i in together],
+            "client_ids": [calls[i][3] for i in together],
+        }
+        try:
+            rows = await self._storage._all(Q.SEND_MANY, params)
+        except psycopg2.errors.UniqueViolation:
+            # A repeated client_id: each on its own, where a repeat is an answer.
+            rows = None
+        if rows is None:
+            for i in together:
+                results[i] = await self._call_alone(calls[i])
+        else:
+            for row in rows:
+                results[together[row[0] - 1]] = Sent(
+                    row=row[1:10], created=True, version=row[10], joined=row[11]
+                )
+        for i, call in enumerate(calls):  # the same chat again: after, on its own
+            if first[call[0]] != i:
+                results[i] = await self._call_alone(call)
+        return results
+
+    async def _call_alone(self, call: tuple):
+        try:
+            return await self.one(call)
+        except Exception as exc:  # this caller's own error, not the batch's
+            return exc
+
+
 class Storage:
     def __init__(self, pool: aiopg.Pool, timeout: float):
         self._pool = pool
         self.timeout = timeout
         self._clearing: asyncio.Future | None = None
+        self.access_checks = _AccessChecks(self)
+        self.sends = _Sends(self)
 
     @classmethod
     async def connect(cls, dsn: str, size: int = 20, query_timeout: float = 5.0) -> Storage:
@@ -477,13 +602,22 @@ class Storage:
         await self._one("SELECT 1", {})
 
     async def access(self, chat_id: str, user_id: str) -> Access | None:
-        row = await self._one(Q.ACCESS, {"chat_id": chat_id, "user_id": user_id})
-        return Access(*row) if row else None
+        """The caller's standing in a chat (None: no such chat). Checks made
+        in the same loop iteration go to PostgreSQL as one statement."""
+        return await self.access_checks.run((chat_id, user_id))
 
     async def send(
         self, chat_id: str, user_id: str, content: str, client_id: str | None
     ) -> Sent | None:
-        """Insert a message; None when the sender may not post (or no such chat)."""
+        """Insert a message; None when the sender may not post (or no such chat).
+        Sends made in the same loop iteration go to PostgreSQL as one statement
+        (SEND_MANY) when they are to different chats."""
+        return await self.sends.run((chat_id, user_id, content, client_id))
+
+    async def send_one(
+        self, chat_id: str, user_id: str, content: str, client_id: str | None
+    ) -> Sent | None:
+        """:meth:`send`, on its own statement."""
         params = {"chat_id": chat_id, "user_id": user_id, "content": content,
                   "client_id": client_id}  # fmt: skip
         try:

@@ -1,7 +1,8 @@
 """chatctl tail: follow messages as every chatd process emits them.
 
 chatd publishes every emit on the Socket.IO Redis channel (SOCKETIO_CHANNEL),
-as JSON ``{"method": "emit", "event", "data": [payload], "room": "chat:ID", ...}``;
+as JSON ``{"method": "emit", "event", "data": [payload], "room": "chat:ID", ...}``
+(a group commit's new messages as one ``chatd:batch`` of such emits);
 tail subscribes to that channel, so it sees what every process's sockets see.
 
 ``--since-seq N`` first prints the history after seq N. To leave no gap and
@@ -24,8 +25,9 @@ import redis.asyncio as aioredis
 
 from chatd import model, validate
 from chatd.errors import BadRequest
+from chatd.realtime import BATCH
 
-from .context import Ctx, Failure, pass_ctx
+from .context import Ctx, Failure, format_option, pass_ctx
 
 EVENTS = ("new-message", "message-updated", "message-deleted")
 PAGE = 200
@@ -69,12 +71,28 @@ def format_event(event: str, data: dict, fmt: str) -> str:
     )
 
 
-def decode(raw: bytes, rooms: set[str] | None) -> tuple[str, dict] | None:
-    """(event, payload) of a message event of the watched rooms, else None."""
+def decode(raw: bytes, rooms: set[str] | None) -> list[tuple[str, dict]]:
+    """(event, payload) of each message event of the watched rooms in a
+    publication: one emit, or a batch of them (a group commit's new messages,
+    ``{"method": "chatd:batch", "messages": [emit, ...]}``), in order."""
     try:
         packet = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
+        return []
+    if isinstance(packet, dict) and packet.get("method") == BATCH:
+        emits = packet.get("messages")
+        emits = emits if isinstance(emits, list) else []
+    else:
+        emits = [packet]
+    found = []
+    for emit in emits:
+        one = _decode_emit(emit, rooms)
+        if one is not None:
+            found.append(one)
+    return found
+
+
+def _decode_emit(packet: object, rooms: set[str] | None) -> tuple[str, dict] | None:
     if not isinstance(packet, dict) or packet.get("method") != "emit":
         return None
     event, room, data = packet.get("event"), packet.get("room"), packet.get("data")
@@ -148,16 +166,13 @@ async def follow(
                 raw = await asyncio.wait_for(buffered.get(), 1.0)
             except TimeoutError:
                 continue
-            decoded = decode(raw, rooms)
-            if decoded is None:
-                continue
-            event, data = decoded
-            if event == "new-message" and since_seq is not None:
-                chat_seen = seen.get(data.get("chat_id"))
-                seq = data.get("seq")
-                if chat_seen is not None and isinstance(seq, int) and not chat_seen.add(seq):
-                    continue
-            echo(format_event(event, data, fmt))
+            for event, data in decode(raw, rooms):
+                if event == "new-message" and since_seq is not None:
+                    chat_seen = seen.get(data.get("chat_id"))
+                    seq = data.get("seq")
+                    if chat_seen is not None and isinstance(seq, int) and not chat_seen.add(seq):
+                        continue
+                echo(format_event(event, data, fmt))
     finally:
         if task is not None:
             task.cancel()
@@ -204,14 +219,7 @@ async def until_stopped(coro) -> None:
     metavar="ID",
     help="Only this chat (repeatable). Default: every chat.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help='json: one {"event", "data"} object per line.',
-)
+@format_option('json: one {"event", "data"} object per line.')
 @click.option(
     "--since-seq",
     type=click.IntRange(min=0),

@@ -72,6 +72,28 @@ async def test_tail_prints_sends_edits_and_deletes_from_every_chatd_process(
 
 
 @pytest.mark.slow
+@pytest.mark.gen_test(timeout=90)
+async def test_tail_prints_every_message_of_a_group_committed_burst(chatctl, spawn, chat_id):
+    # Concurrent sends to one chat are committed and published in batches
+    # (one chatd:batch publication each): tail prints every message once, in seq order.
+    one = spawn()
+    api = Api(one.url)
+    await api.create_chat(chat_id)
+    tail = chatctl.spawn("tail", "--chat", chat_id, "--format", "json")
+    try:
+        await started(tail)
+        n = 60
+        replies = await asyncio.gather(*(api.send(chat_id, f"m{i}") for i in range(n)))
+        assert {r.status for r in replies} == {201}
+        await until(lambda: len(tail.out) >= n, what=f"{n} events")
+        await asyncio.sleep(0.3)  # a duplicate would show by now
+        seqs = [e["data"]["seq"] for e in _events(tail)]
+        assert seqs == list(range(1, n + 1))
+    finally:
+        assert tail.finish(signal.SIGINT) == 0
+
+
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=120)
 async def test_tail_since_seq_has_no_gap_or_duplicate_while_messages_keep_arriving(
     chatctl, spawn, chat_id
@@ -152,10 +174,15 @@ def test_decode_keeps_only_message_events_of_watched_rooms():
                 "namespace": "/", "room": "chat:a"}  # fmt: skip
         return orjson.dumps({**base, **kw})
 
-    assert decode(packet(), {"chat:a"}) == ("new-message", {"seq": 1})
-    assert decode(packet(), None) == ("new-message", {"seq": 1})
-    assert decode(packet(room="chat:b"), {"chat:a"}) is None
-    assert decode(packet(event="typing"), None) is None
-    assert decode(packet(method="enter_room"), None) is None
-    assert decode(packet(room="user:bob"), None) is None
-    assert decode(b"not json", None) is None
+    assert decode(packet(), {"chat:a"}) == [("new-message", {"seq": 1})]
+    assert decode(packet(), None) == [("new-message", {"seq": 1})]
+    assert decode(packet(room="chat:b"), {"chat:a"}) == []
+    assert decode(packet(event="typing"), None) == []
+    assert decode(packet(method="enter_room"), None) == []
+    assert decode(packet(room="user:bob"), None) == []
+    assert decode(b"not json", None) == []
+    # A group commit's batch: its emits, in order, filtered the same way.
+    emits = [orjson.loads(packet(data=[{"seq": n}])) for n in (1, 2)]
+    emits.insert(1, orjson.loads(packet(room="chat:b", data=[{"seq": 9}])))
+    batch = orjson.dumps({"method": "chatd:batch", "messages": emits, "host_id": "h"})
+    assert decode(batch, {"chat:a"}) == [("new-message", {"seq": 1}), ("new-message", {"seq": 2})]

@@ -98,6 +98,44 @@ async def test_rest_send_on_one_process_reaches_sockets_on_the_others(three, cha
         await close_all(bob, carol)
 
 
+@pytest.mark.parametrize("cache_rows", ["100", "0"], ids=["cache", "no-cache"])
+@pytest.mark.gen_test(timeout=90)
+async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
+    spawn, chat_id, redis_prefix, cache_rows
+):
+    # A burst to one chat is group-committed on A; each batch's new-message
+    # events travel to B as one publication (with the page cache on, inside
+    # the cache's append script; with it off, on their own). B's socket gets
+    # every message once, in seq order.
+    a = spawn(**ENV, CACHE_ROWS=cache_rows)
+    b = spawn(**ENV)
+    await Api(a.url).create_chat(chat_id, members=["bob"])
+    bob = await connect(b, "bob")
+    r = aioredis.Redis.from_url(REDIS_URL)
+    pubsub = r.pubsub()
+    await pubsub.subscribe(f"{redis_prefix}:socketio")
+    try:
+        await join(bob, chat_id)
+        n = 80
+        api = Api(a.url)
+        replies = await asyncio.gather(*(api.send(chat_id, f"m{i}") for i in range(n)))
+        assert {x.status for x in replies} == {201}
+        await bob.wait_for("new-message", lambda m: len(bob.of("new-message")) >= n)
+        published = 0
+        while msg := await pubsub.get_message(timeout=QUIET):
+            published += msg["type"] == "message"
+        await asyncio.sleep(QUIET)  # a duplicate would have arrived by now
+        got = bob.of("new-message")
+        assert [m["seq"] for m in got] == list(range(1, n + 1))
+        assert {m["content"] for m in got} == {f"m{i}" for i in range(n)}
+        assert got[0] == next(x.json for x in replies if x.json["seq"] == 1)
+        assert 0 < published < n
+    finally:
+        await pubsub.aclose()
+        await r.aclose()
+        await close_all(bob)
+
+
 @pytest.mark.gen_test(timeout=90)
 async def test_presence_is_counted_across_processes_and_survives_sigkill(
     three, chat_id, redis_prefix

@@ -11,18 +11,24 @@ import pytest
 from .helpers import SocketClient
 
 
-def _rows(database_url, chat_id):
+def _rows_of(database_url, chat_ids):
+    """(chat_id, id, seq, sender_id, content, client_id, xmin) of the chats' messages."""
     conn = psycopg2.connect(database_url)
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT id, seq, sender_id, content, client_id, xmin::text::bigint"
-                " FROM messages WHERE chat_id = %s ORDER BY seq",
-                (chat_id,),
+                "SELECT chat_id, id, seq, sender_id, content, client_id, xmin::text::bigint"
+                " FROM messages WHERE chat_id = ANY(%s) ORDER BY chat_id, seq",
+                (list(chat_ids),),
             )
             return cur.fetchall()
     finally:
         conn.close()
+
+
+def _rows(database_url, chat_id):
+    """(id, seq, sender_id, content, client_id, xmin) of one chat's messages, by seq."""
+    return [r[1:] for r in _rows_of(database_url, [chat_id])]
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -118,3 +124,76 @@ async def test_public_chat_batch_makes_posters_members(api, chatd, chat_id):
     chat = (await api.get(f"/chats/{chat_id}")).json
     assert {m["user_id"] for m in chat["members"]} == {"alice", *posters}
     assert chat["last_seq"] == 30
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sends_to_many_chats_share_transactions_and_keep_every_rule(
+    api, chatd, chat_id, database_url
+):
+    # 12 chats: private ones with bob as member, public ones nobody joined.
+    private = [f"{chat_id}-p{i}" for i in range(8)]
+    public = [f"{chat_id}-o{i}" for i in range(4)]
+    for c in private:
+        await api.create_chat(c, members=["bob"])
+    for c in public:
+        await api.create_chat(c, visibility="public")
+    rounds = 6
+    sends = []
+    for r in range(rounds):
+        for c in private:
+            sends.append((c, "bob", f"{c}/{r}", None))
+            if r == 2:
+                sends.append((c, "mallory", "intruder", None))  # not a member: 404
+        for c in public:
+            sends.append((c, f"p{r}", f"{c}/{r}", f"cid-{r}"))  # joins the chat
+    replies = await asyncio.gather(
+        *(api.send(c, text, user=u, **({"client_id": cid} if cid else {}))
+          for c, u, text, cid in sends)
+    )  # fmt: skip
+    for (c, u, text, _cid), reply in zip(sends, replies, strict=True):
+        if u == "mallory":
+            assert reply.status == 404 and reply.error_code == "chat_not_found"
+        else:
+            assert reply.status == 201, reply
+            assert (reply.json["chat_id"], reply.json["sender_id"]) == (c, u)
+            assert reply.json["content"] == text
+    rows = _rows_of(database_url, private + public)
+    for c in private + public:
+        mine = [r for r in rows if r[0] == c]
+        assert [r[2] for r in mine] == list(range(1, rounds + 1)), c  # gapless
+        assert sorted(r[4] for r in mine) == sorted(f"{c}/{r}" for r in range(rounds))
+        assert "intruder" not in {r[4] for r in mine}
+    # Some transaction wrote to more than one chat.
+    chats_per_xact: dict[int, set] = {}
+    for r in rows:
+        chats_per_xact.setdefault(r[6], set()).add(r[0])
+    assert max(len(v) for v in chats_per_xact.values()) > 1
+    # The posters of the public chats became members; a repeat is still a repeat.
+    chat = (await api.get(f"/chats/{public[0]}")).json
+    assert {m["user_id"] for m in chat["members"]} >= {f"p{r}" for r in range(rounds)}
+    again = await api.send(public[0], f"{public[0]}/0", user="p0", client_id="cid-0")
+    assert again.status == 200 and again.json["seq"] == replies[8].json["seq"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_repeat_among_sends_to_many_chats_is_answered_as_a_repeat(
+    api, chatd, chat_id, database_url
+):
+    chats = [f"{chat_id}-{i}" for i in range(6)]
+    for c in chats:
+        await api.create_chat(c, members=["bob"])
+    first = await api.send(chats[0], "original", user="bob", client_id="same")
+    assert first.status == 201
+    batches = chatd.storage.sends.batches
+    for round_ in range(3):  # the repeat to chats[0] aborts a shared statement
+        replies = await asyncio.gather(
+            *(api.send(c, "again", user="bob", client_id="same") for c in chats)
+        )
+        assert replies[0].status == 200 and replies[0].json == first.json
+        # The others: created in the first round, repeats of that after.
+        assert {r.status for r in replies[1:]} == ({201} if round_ == 0 else {200})
+    assert chatd.storage.sends.batches > batches
+    rows = _rows_of(database_url, chats)
+    assert [(r[0], r[2], r[4]) for r in rows if r[0] == chats[0]] == [(chats[0], 1, "original")]
+    for c in chats[1:]:
+        assert [(r[2], r[4]) for r in rows if r[0] == c] == [(1, "again")]

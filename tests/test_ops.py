@@ -167,6 +167,9 @@ async def test_json_logs_one_object_per_line_for_requests_and_sockets(spawn, cha
     events = {r.get("event"): r for r in records if r.get("request_id") == "sock-1"}
     assert {"socket_connect", "socket_disconnect"} <= set(events), records
     assert events["socket_connect"]["user_id"] == "bob"
+    # The websocket's own access line (the 101) keeps the id too: chatd drops
+    # the upgrade request's headers only once the socket is connected.
+    assert [r for r in access if r.get("request_id") == "sock-1"], access
 
 
 @pytest.mark.slow

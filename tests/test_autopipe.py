@@ -1,0 +1,124 @@
+"""chatd.autopipe: script calls made in one loop iteration share a pipeline,
+and each caller still gets exactly its own reply or its own error (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from chatd import autopipe, coalesce
+
+from . import conftest
+
+# Echoes its key and argument; fails (a script error) when the argument is "boom".
+ECHO = """
+if ARGV[1] == 'boom' then return redis.error_reply('boom') end
+return KEYS[1] .. ':' .. ARGV[1]
+"""
+
+
+@pytest.fixture
+def client(redis_prefix):
+    return aioredis.Redis.from_url(conftest.REDIS_URL, socket_timeout=2)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_calls_of_one_iteration_share_a_pipeline_and_get_their_own_replies(client):
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+    n = 50
+    replies = await asyncio.gather(*(batcher.run(script, [f"k{i}"], [i]) for i in range(n)))
+    assert replies == [f"k{i}:{i}".encode() for i in range(n)]
+    assert batcher.batches == 1
+    # A lone call goes on its own, no pipeline.
+    assert await batcher.run(script, ["solo"], ["x"]) == b"solo:x"
+    assert batcher.batches == 1
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_more_calls_than_a_batch_holds_are_all_answered(client):
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+    n = coalesce.MAX_BATCH * 2 + 5
+    replies = await asyncio.gather(*(batcher.run(script, ["k"], [i]) for i in range(n)))
+    assert replies == [f"k:{i}".encode() for i in range(n)]
+    assert batcher.batches >= 2
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_error_reaches_only_its_own_caller(client):
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+    args = ["a", "boom", "c", "boom"]
+    results = await asyncio.gather(
+        *(batcher.run(script, ["k"], [a]) for a in args), return_exceptions=True
+    )
+    assert results[0] == b"k:a" and results[2] == b"k:c"
+    for failed in (results[1], results[3]):
+        assert isinstance(failed, ResponseError) and "boom" in str(failed)
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_scripts_redis_forgot_are_loaded_again(client):
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+    await client.script_flush()
+    replies = await asyncio.gather(*(batcher.run(script, ["k"], [i]) for i in range(5)))
+    assert replies == [f"k:{i}".encode() for i in range(5)]
+    await client.script_flush()
+    assert await batcher.run(script, ["k"], ["solo"]) == b"k:solo"
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_redis_down_fails_every_call_of_the_batch_without_hanging():
+    down = aioredis.Redis.from_url(
+        "redis://127.0.0.1:1/0", socket_timeout=1, socket_connect_timeout=1
+    )
+    script = down.register_script(ECHO)
+    batcher = autopipe.Batcher(down)
+    results = await asyncio.gather(
+        *(batcher.run(script, ["k"], [i]) for i in range(4)), return_exceptions=True
+    )
+    assert all(isinstance(r, (RedisError, OSError)) for r in results), results
+    await down.aclose()
+
+
+@pytest.mark.parametrize("when", ["gathering", "sending"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cancelled_first_caller_affects_no_other_caller(client, when):
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+
+    async def cancel_first() -> None:
+        if when == "sending":
+            await asyncio.sleep(0)  # the batch has left: its round trip is under way
+        first.cancel()
+
+    # All start in one iteration: the first call opens the batch, the next
+    # three join it, then the first is cancelled (before or after it sends).
+    first = asyncio.ensure_future(batcher.run(script, ["k"], ["first"]))
+    others = [asyncio.ensure_future(batcher.run(script, ["k"], [i])) for i in range(3)]
+    await asyncio.ensure_future(cancel_first())
+    results = await asyncio.gather(*others, return_exceptions=True)
+    assert first.cancelled()
+    assert results == [b"k:0", b"k:1", b"k:2"]  # each its own reply, as if alone
+    assert await batcher.run(script, ["k"], ["after"]) == b"k:after"
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing():
+    from chatd import cache
+
+    client = cache.connect(conftest.REDIS_URL, 2.0)
+    n = cache.MAX_CONNECTIONS * 4
+    replies = await asyncio.gather(*(client.ping() for _ in range(n)))
+    assert replies == [True] * n
+    await client.aclose()

@@ -1,0 +1,57 @@
+"""Coalesced access checks (chatd.storage._AccessChecks over chatd.coalesce):
+the checks of one loop iteration are one SQL statement, and each caller still
+gets its own answer, whatever mix of chats and callers shares the batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatd.storage import Access
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_access_checks_each_get_their_own_answer(api, chatd, chat_id):
+    private, public, missing = f"{chat_id}-p", f"{chat_id}-o", f"{chat_id}-none"
+    await api.create_chat(private, members=["bob"])  # alice owns, bob member
+    await api.create_chat(public, visibility="public", owner="carol")
+    await api.send(private, "one")
+    pairs = [
+        (private, "alice"), (private, "bob"), (private, "mallory"),
+        (public, "carol"), (public, "mallory"), (missing, "alice"),
+    ] * 5  # fmt: skip
+    storage = chatd.storage
+    before = storage.access_checks.batches
+    got = await asyncio.gather(*(storage.access(c, u) for c, u in pairs))
+    assert storage.access_checks.batches > before  # they did share statements
+    for (c, u), access in zip(pairs, got, strict=True):
+        alone = await storage.access_checks.one((c, u))  # the single-row query
+        assert access == alone, (c, u)
+    expected = {
+        (private, "alice"): ("private", 1, "owner"),
+        (private, "bob"): ("private", 1, "member"),
+        (private, "mallory"): ("private", 1, None),
+        (public, "carol"): ("public", 0, "owner"),
+        (public, "mallory"): ("public", 0, None),
+    }
+    for (c, u), access in zip(pairs, got, strict=True):
+        if c == missing:
+            assert access is None
+        else:
+            assert isinstance(access, Access)
+            assert (access.visibility, access.last_seq, access.role) == expected[(c, u)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_reads_by_members_and_strangers_get_200_and_404(api, chatd, chat_id):
+    await api.create_chat(chat_id, members=["bob"])
+    await api.send(chat_id, "hello")
+    users = ["alice", "bob", "mallory", "eve"] * 8
+    replies = await asyncio.gather(*(api.get(f"/chats/{chat_id}/messages", user=u) for u in users))
+    for user, reply in zip(users, replies, strict=True):
+        if user in ("alice", "bob"):
+            assert reply.status == 200, (user, reply)
+            assert [m["content"] for m in reply.json["messages"]] == ["hello"]
+        else:
+            assert reply.status == 404 and reply.error_code == "chat_not_found", (user, reply)
