@@ -27,6 +27,7 @@ circuit breaker) so requests do not queue behind timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -178,12 +179,22 @@ class PageCache:
 
     async def read(self, chat_id: str, limit: int, include_deleted: bool) -> CachedPage | None:
         """The newest page as the cache has it (check its version!), or None."""
+        return await self.page(self.read_soon(chat_id, limit, include_deleted))
+
+    def read_soon(self, chat_id: str, limit: int, include_deleted: bool) -> asyncio.Future | None:
+        """:meth:`read`, sent with this loop iteration's other Redis calls:
+        give what it returns to :meth:`page` (or to coalesce.discard)."""
         if not self.enabled:
             return None
+        keys = self._keys(chat_id)
+        return self._batch.submit((self._read, keys, [limit, 1 if include_deleted else 0]))
+
+    async def page(self, pending: asyncio.Future | None) -> CachedPage | None:
+        """The page a :meth:`read_soon` call brought, or None."""
+        if pending is None:
+            return None
         try:
-            reply = await self._batch.run(
-                self._read, self._keys(chat_id), [limit, 1 if include_deleted else 0]
-            )
+            reply = await pending
         except (RedisError, OSError) as exc:
             self._failed("cache read", exc)
             return None

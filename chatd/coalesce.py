@@ -10,8 +10,12 @@ goes out on its own, one loop iteration later than it would have.
 
 Every caller gets its own result or its own exception, as if it had made the
 call itself; a failed batch fails each of its calls. A cancelled caller
-affects no one else: the batch runs in a task of its own (shielded from the
-first caller's cancellation), so the others are answered as usual.
+affects no one else: each batch runs in a task of its own and answers its
+callers' futures; a call cancelled before its batch leaves is not sent.
+
+:meth:`Coalescer.submit` queues a call and returns its future at once, so a
+request can put two calls (say an access check and a cache read) in one
+iteration's batches without a Task for each, as ``asyncio.gather`` needs.
 """
 
 from __future__ import annotations
@@ -37,33 +41,35 @@ class Coalescer:
         """Results (or exceptions) for ``calls``, in order."""
         raise NotImplementedError
 
+    def submit(self, call) -> asyncio.Future:
+        """Queue ``call`` with the others of this loop iteration; the future
+        gets its result or its exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        batch = self._open
+        if batch is None or len(batch) >= MAX_BATCH:
+            batch = self._open = []
+            # Callbacks run in the order they were scheduled: this one runs
+            # after everything already ready in this iteration (the calls that
+            # join the batch), as a task's `await asyncio.sleep(0)` would.
+            loop.call_soon(self._send, batch)
+        batch.append((call, future))
+        return future
+
     async def run(self, call):
-        if self._open is not None and len(self._open) < MAX_BATCH:
-            future = asyncio.get_running_loop().create_future()
-            self._open.append((call, future))
-            return await future
-        batch = self._open = [(call, None)]
-        try:
-            await asyncio.sleep(0)  # the rest of this iteration's calls join
-        except BaseException:  # cancelled while gathering: the others still go
-            if self._open is batch:
-                self._open = None
-            if len(batch) > 1:
-                self._launch(batch[1:])
-            raise
+        return await self.submit(call)
+
+    def _send(self, batch: list) -> None:
         if self._open is batch:
             self._open = None
+        batch = [entry for entry in batch if not entry[1].done()]  # cancelled: not sent
+        if not batch:
+            return
         if len(batch) == 1:
-            return await self.one(call)
-        results = await asyncio.shield(self._launch(batch))
-        if isinstance(results[0], BaseException):
-            raise results[0]
-        return results[0]
-
-    def _launch(self, batch: list) -> asyncio.Task:
-        """Send ``batch`` in a task of its own, which answers its waiting callers."""
-        self.batches += 1
-        task = asyncio.get_running_loop().create_task(self.many([c for c, _ in batch]))
+            task = asyncio.get_running_loop().create_task(self._alone(batch[0][0]))
+        else:
+            self.batches += 1
+            task = asyncio.get_running_loop().create_task(self.many([c for c, _ in batch]))
         self._sending.add(task)
 
         def answer(done: asyncio.Task) -> None:
@@ -75,7 +81,7 @@ class Coalescer:
             else:
                 results = done.result()
             for (_, future), result in zip(batch, results, strict=True):
-                if future is None or future.done():  # the first caller, or gone
+                if future.done():  # its caller is gone
                     continue
                 if isinstance(result, BaseException):
                     future.set_exception(result)
@@ -83,4 +89,13 @@ class Coalescer:
                     future.set_result(result)
 
         task.add_done_callback(answer)
-        return task
+
+    async def _alone(self, call) -> list:
+        return [await self.one(call)]
+
+
+def discard(future: asyncio.Future) -> None:
+    """Give up on a submitted call's future: cancel it if it is pending, and
+    take its exception if it failed (so that asyncio does not log it)."""
+    if not future.cancel() and not future.cancelled():
+        future.exception()

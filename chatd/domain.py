@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import model, validate
+from . import coalesce, model, validate
 from .cache import PageCache
 from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
 from .events import Events, NullEvents
@@ -365,9 +365,16 @@ class ChatService:
     ) -> Page | None:
         """The newest page from the cache (or refilled from one snapshot), or None
         when the cached window cannot answer it (too many tombstones)."""
-        access, cached = await asyncio.gather(
-            self.readable(user_id, chat_id), self.cache.read(chat_id, limit, include_deleted)
-        )
+        # The cache read and the access check (submitted by readable() before
+        # it first waits) go out in this iteration's batches, side by side.
+        pending = self.cache.read_soon(chat_id, limit, include_deleted)
+        try:
+            access = await self.readable(user_id, chat_id)
+        except BaseException:
+            if pending is not None:
+                coalesce.discard(pending)
+            raise
+        cached = await self.cache.page(pending)
         if cached is not None and cached.version == access.version:
             self.cache.hits += 1
             if cached.joined is None:

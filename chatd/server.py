@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -450,6 +451,11 @@ def run(coro) -> None:
     dropped: when PostgreSQL drops a connection, psycopg2 closes its socket
     before aiopg unregisters it, and uvloop's stale poll handle for that fd
     number then breaks the next connection that reuses it.)"""
+    if os.environ.get("CHATD_UVLOOP") == "1":
+        import uvloop
+
+        uvloop.run(coro)
+        return
     asyncio.run(coro)
 
 

@@ -122,3 +122,25 @@ async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(
     replies = await asyncio.gather(*(client.ping() for _ in range(n)))
     assert replies == [True] * n
     await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_cancelled_before_its_batch_leaves_is_not_sent(client, redis_prefix):
+    # Each call adds its argument to a set: what Redis holds is what was sent.
+    script = client.register_script("return redis.call('SADD', KEYS[1], ARGV[1])")
+    batcher = autopipe.Batcher(client)
+    key = f"{redis_prefix}:sent"
+    calls = {a: asyncio.ensure_future(batcher.run(script, [key], [a])) for a in "abcd"}
+    await asyncio.sleep(0)  # all four have joined this iteration's batch
+    calls["b"].cancel()
+    calls["d"].cancel()
+    assert await asyncio.gather(calls["a"], calls["c"]) == [1, 1]
+    assert calls["b"].cancelled() and calls["d"].cancelled()
+    assert sorted(await client.smembers(key)) == [b"a", b"c"]
+    # A future submitted and then given up on is neither sent nor logged.
+    pending = batcher.submit((script, [key], ["e"]))
+    coalesce.discard(pending)
+    assert await batcher.run(script, [key], ["f"]) == 1
+    assert sorted(await client.smembers(key)) == [b"a", b"c", b"f"]
+    await client.delete(key)
+    await client.aclose()
