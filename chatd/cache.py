@@ -183,7 +183,7 @@ class PageCache:
 
     def read_soon(self, chat_id: str, limit: int, include_deleted: bool) -> asyncio.Future | None:
         """:meth:`read`, sent with this loop iteration's other Redis calls:
-        give what it returns to :meth:`page` (or to coalesce.discard)."""
+        give what it returns to :meth:`page`, or to :meth:`drop`."""
         if not self.enabled:
             return None
         keys = self._keys(chat_id)
@@ -195,6 +195,9 @@ class PageCache:
             return None
         try:
             reply = await pending
+        except asyncio.CancelledError:
+            self._batch.discard(pending)
+            raise
         except (RedisError, OSError) as exc:
             self._failed("cache read", exc)
             return None
@@ -203,6 +206,11 @@ class PageCache:
         if reply[1] == -1:
             return CachedPage(int(reply[0]), None, False)
         return CachedPage(int(reply[0]), reply[2], reply[1] == 1)
+
+    def drop(self, pending: asyncio.Future | None) -> None:
+        """Give up on a :meth:`read_soon` call."""
+        if pending is not None:
+            self._batch.discard(pending)
 
     async def fill(self, chat_id: str, version: int, last_seq: int, complete: bool,
                    rows: list[bytes]) -> None:  # fmt: skip

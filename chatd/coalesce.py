@@ -11,7 +11,9 @@ goes out on its own, one loop iteration later than it would have.
 Every caller gets its own result or its own exception, as if it had made the
 call itself; a failed batch fails each of its calls. A cancelled caller
 affects no one else: each batch runs in a task of its own and answers its
-callers' futures; a call cancelled before its batch leaves is not sent.
+callers' futures. A call cancelled before its batch leaves is not sent, and
+a batch whose callers were all cancelled is cancelled too (as a call made
+alone would be).
 
 :meth:`Coalescer.submit` queues a call and returns its future at once, so a
 request can put two calls (say an access check and a cache read) in one
@@ -32,7 +34,8 @@ class Coalescer:
     def __init__(self) -> None:
         self._open: list | None = None  # the batch gathering in this iteration
         self.batches = 0  # batches of more than one call sent (for tests, metrics)
-        self._sending: set[asyncio.Task] = set()  # batches in flight (kept referenced)
+        # The batches in flight (kept referenced), by the futures they answer.
+        self._sending: dict[asyncio.Future, tuple[asyncio.Task, list]] = {}
 
     async def one(self, call):
         raise NotImplementedError
@@ -57,7 +60,25 @@ class Coalescer:
         return future
 
     async def run(self, call):
-        return await self.submit(call)
+        future = self.submit(call)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.discard(future)
+            raise
+
+    def discard(self, future: asyncio.Future) -> None:
+        """Give up on a submitted call: it is not sent if its batch has not
+        left yet, and a batch whose callers all gave up is stopped (a call
+        cut short by a timeout must not hold its connection on). A call that
+        failed meanwhile has its exception taken, so asyncio does not log it."""
+        future.cancel()
+        if not future.cancelled():  # it had finished
+            future.exception()
+            return
+        sending = self._sending.get(future)
+        if sending is not None and all(f.cancelled() for _, f in sending[1]):
+            sending[0].cancel()
 
     def _send(self, batch: list) -> None:
         if self._open is batch:
@@ -70,10 +91,12 @@ class Coalescer:
         else:
             self.batches += 1
             task = asyncio.get_running_loop().create_task(self.many([c for c, _ in batch]))
-        self._sending.add(task)
+        for _, future in batch:
+            self._sending[future] = (task, batch)
 
         def answer(done: asyncio.Task) -> None:
-            self._sending.discard(done)
+            for _, future in batch:
+                del self._sending[future]
             if done.cancelled():
                 results = [asyncio.CancelledError()] * len(batch)
             elif done.exception() is not None:
@@ -92,10 +115,3 @@ class Coalescer:
 
     async def _alone(self, call) -> list:
         return [await self.one(call)]
-
-
-def discard(future: asyncio.Future) -> None:
-    """Give up on a submitted call's future: cancel it if it is pending, and
-    take its exception if it failed (so that asyncio does not log it)."""
-    if not future.cancel() and not future.cancelled():
-        future.exception()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import coalesce, model, validate
+from . import model, validate
 from .cache import PageCache
 from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not_found
 from .events import Events, NullEvents
@@ -371,8 +371,7 @@ class ChatService:
         try:
             access = await self.readable(user_id, chat_id)
         except BaseException:
-            if pending is not None:
-                coalesce.discard(pending)
+            self.cache.drop(pending)
             raise
         cached = await self.cache.page(pending)
         if cached is not None and cached.version == access.version:

@@ -139,8 +139,33 @@ async def test_a_call_cancelled_before_its_batch_leaves_is_not_sent(client, redi
     assert sorted(await client.smembers(key)) == [b"a", b"c"]
     # A future submitted and then given up on is neither sent nor logged.
     pending = batcher.submit((script, [key], ["e"]))
-    coalesce.discard(pending)
+    batcher.discard(pending)
     assert await batcher.run(script, [key], ["f"]) == 1
     assert sorted(await client.smembers(key)) == [b"a", b"c", b"f"]
     await client.delete(key)
+    await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_whose_callers_all_gave_up_is_stopped_and_frees_its_connection():
+    # A server that accepts and never answers (Redis behind a partition).
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        closed.set()  # the client hung up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(port=port, socket_timeout=20)
+    script = client.register_script(ECHO)
+    batcher = autopipe.Batcher(client)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.run(script, ["k"], ["lost"]), 0.3)
+    # Gone long before the 20 s socket timeout: the round trip was cancelled
+    # (redis-py then drops the connection) instead of running on unwatched.
+    await asyncio.wait_for(closed.wait(), 10)
+    server.close()
     await client.aclose()
