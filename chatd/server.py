@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -41,7 +40,18 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from . import cache, config, embedded, limits, migrations, presence, realtime, sdnotify, web
+from . import (
+    cache,
+    config,
+    embedded,
+    eventloop,
+    limits,
+    migrations,
+    presence,
+    realtime,
+    sdnotify,
+    web,
+)
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -446,19 +456,6 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-def run(coro) -> None:
-    """Run chatd's event loop: asyncio's own. (uvloop was measured here and
-    dropped: when PostgreSQL drops a connection, psycopg2 closes its socket
-    before aiopg unregisters it, and uvloop's stale poll handle for that fd
-    number then breaks the next connection that reuses it.)"""
-    if os.environ.get("CHATD_UVLOOP") == "1":
-        import uvloop
-
-        uvloop.run(coro)
-        return
-    asyncio.run(coro)
-
-
 def check_schema(settings: config.Settings) -> None:
     pend = migrations.pending(settings.database_url)
     if pend:
@@ -579,10 +576,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(
                 supervise(
                     settings.workers,
-                    lambda: run(serve(shared, hint, bind(shared, reuse_port=True))),
+                    lambda: eventloop.run(
+                        serve(shared, hint, bind(shared, reuse_port=True)), shared.event_loop
+                    ),
                 )
             )
-        run(serve(settings, hint))
+        eventloop.run(serve(settings, hint), settings.event_loop)
     except config.ConfigError as exc:
         print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
         sys.exit(2)
