@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 try:
     import uvloop
 except ImportError:  # pragma: no cover - a dependency; absent only in odd installs
     uvloop = None
+
+log = logging.getLogger("chatd")
 
 CHOICES = ("uvloop", "asyncio")  # CHATD_EVENT_LOOP (chatd.config)
 
@@ -121,7 +124,9 @@ def run(coro, which: str = "uvloop") -> None:
     """Run ``coro`` to completion on the loop ``which`` names (CHOICES);
     asyncio's own when uvloop is not installed."""
     if which == "uvloop" and uvloop is not None:
+        log.debug("event loop: uvloop %s", uvloop.__version__)
         with asyncio.Runner(loop_factory=Loop) as runner:
             runner.run(coro)
     else:
+        log.debug("event loop: asyncio's own")
         asyncio.run(coro)
