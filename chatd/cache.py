@@ -7,6 +7,16 @@ one Redis Cluster slot):
     P:{chat:ID}:meta   HASH  version, last_seq, complete
     P:{chat:ID}:rows   LIST  the newest ``CACHE_ROWS`` messages as JSON,
                              tombstones included, ascending and contiguous by seq
+    P:{chat:ID}:pages  HASH  pages already built from the rows, by
+                             "<limit>:<include_deleted 0|1>", each
+                             "<version>:<has_more 0|1>:<messages joined by commas>"
+
+A page is built from the rows by a Lua script the first time it is asked
+for, and then read with a plain HGET: returning a 12 KB page from Lua costs
+Redis ~60 µs (copying the rows into Lua, joining them, copying the result
+out), an HGET of the same page ~3 µs. Every script that changes the rows
+deletes the chat's pages in the same atomic step, so a stored page is always
+built from the rows as they are, and carries their version.
 
 Coherence comes from PostgreSQL, not from invalidation. Every write to a
 chat's messages bumps ``chats.version`` in the same statement, and the cached
@@ -47,7 +57,9 @@ log = logging.getLogger("chatd.cache")
 # every quote inside strings, so this suffix marks a tombstone and nothing
 # else), and returns them joined with commas, ready to go between [ and ].
 # Reply: false on a miss; {version, -1} when the window cannot answer (too
-# many tombstones in it and older messages exist); else {version, has_more, rows}.
+# many tombstones in it and older messages exist); else {version, has_more, rows},
+# which is also stored in the pages hash under ARGV[3] (while it holds fewer
+# than ARGV[4] pages), to expire with the meta hash.
 _READ = """
 local m = redis.call('HMGET', KEYS[1], 'version', 'complete')
 if not m[1] then return false end
@@ -79,7 +91,13 @@ elseif m[2] ~= '1' then
 end
 local n = #picked
 for k = 1, math.floor(n / 2) do picked[k], picked[n - k + 1] = picked[n - k + 1], picked[k] end
-return {m[1], more, table.concat(picked, ',')}
+local joined = table.concat(picked, ',')
+if redis.call('HLEN', KEYS[3]) < tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[3], ARGV[3], m[1] .. ':' .. more .. ':' .. joined)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+return {m[1], more, joined}
 """
 
 # ARGV: version, last_seq, complete (0|1), ttl, rows... (ascending).
@@ -87,7 +105,7 @@ return {m[1], more, table.concat(picked, ',')}
 _FILL = """
 local cur = redis.call('HGET', KEYS[1], 'version')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 if #ARGV > 4 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 5)) end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'last_seq', ARGV[2], 'complete', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -107,9 +125,10 @@ if not m[1] then return 0 end
 local v = tonumber(ARGV[1])
 local first = tonumber(ARGV[2])
 if tonumber(m[1]) ~= v - 1 or tonumber(m[2]) ~= first - 1 then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   return -1
 end
+redis.call('DEL', KEYS[3])
 local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
 local cap = tonumber(ARGV[3])
 if n > cap then
@@ -128,15 +147,27 @@ _REPLACE = """
 local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
 if not m[1] then return 0 end
 if tonumber(m[1]) ~= tonumber(ARGV[1]) - 1 then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   return -1
 end
+redis.call('DEL', KEYS[3])
 local len = redis.call('LLEN', KEYS[2])
 local idx = len - 1 - (tonumber(m[2]) - tonumber(ARGV[2]))
 if idx >= 0 and idx < len then redis.call('LSET', KEYS[2], idx, ARGV[3]) end
 redis.call('HSET', KEYS[1], 'version', ARGV[1])
 return 1
 """
+
+
+# Pages (limit and include_deleted combinations) kept built per chat, at most.
+MAX_PAGES = 8
+
+
+@dataclass(slots=True)
+class PendingRead:
+    built: asyncio.Future  # the stored page (HGET), or None
+    keys: list[str]
+    args: list  # the read script's, to build the page when it is not stored
 
 
 @dataclass(slots=True)
@@ -170,7 +201,7 @@ class PageCache:
 
     def _keys(self, chat_id: str) -> list[str]:
         tag = f"{self._prefix}:{{chat:{chat_id}}}"
-        return [f"{tag}:meta", f"{tag}:rows"]
+        return [f"{tag}:meta", f"{tag}:rows", f"{tag}:pages"]
 
     def _failed(self, what: str, exc: Exception) -> None:
         if time.monotonic() >= self._down_until:
@@ -181,23 +212,36 @@ class PageCache:
         """The newest page as the cache has it (check its version!), or None."""
         return await self.page(self.read_soon(chat_id, limit, include_deleted))
 
-    def read_soon(self, chat_id: str, limit: int, include_deleted: bool) -> asyncio.Future | None:
+    def read_soon(self, chat_id: str, limit: int, include_deleted: bool) -> PendingRead | None:
         """:meth:`read`, sent with this loop iteration's other Redis calls:
         give what it returns to :meth:`page`, or to :meth:`drop`."""
         if not self.enabled:
             return None
         keys = self._keys(chat_id)
-        return self._batch.submit((self._read, keys, [limit, 1 if include_deleted else 0]))
+        field = f"{limit}:{1 if include_deleted else 0}"
+        built = self._batch.submit((None, (), ("HGET", keys[2], field)))
+        return PendingRead(built, keys, [limit, 1 if include_deleted else 0, field, MAX_PAGES])
 
-    async def page(self, pending: asyncio.Future | None) -> CachedPage | None:
-        """The page a :meth:`read_soon` call brought, or None."""
+    async def page(self, pending: PendingRead | None) -> CachedPage | None:
+        """The page a :meth:`read_soon` call brought (built now if it was not
+        yet), or None."""
         if pending is None:
             return None
         try:
-            reply = await pending
+            built = await pending.built
+            if built is not None:
+                version, more, joined = built.split(b":", 2)
+                return CachedPage(int(version), joined, more == b"1")
+        except ValueError:  # not a page chatd stored: build it anew
+            pass
         except asyncio.CancelledError:
-            self._batch.discard(pending)
+            self._batch.discard(pending.built)
             raise
+        except (RedisError, OSError) as exc:
+            self._failed("cache read", exc)
+            return None
+        try:
+            reply = await self._batch.run(self._read, pending.keys, pending.args)
         except (RedisError, OSError) as exc:
             self._failed("cache read", exc)
             return None
@@ -207,10 +251,10 @@ class PageCache:
             return CachedPage(int(reply[0]), None, False)
         return CachedPage(int(reply[0]), reply[2], reply[1] == 1)
 
-    def drop(self, pending: asyncio.Future | None) -> None:
+    def drop(self, pending: PendingRead | None) -> None:
         """Give up on a :meth:`read_soon` call."""
         if pending is not None:
-            self._batch.discard(pending)
+            self._batch.discard(pending.built)
 
     async def fill(self, chat_id: str, version: int, last_seq: int, complete: bool,
                    rows: list[bytes]) -> None:  # fmt: skip
@@ -262,7 +306,7 @@ class PageCache:
         async for key in self._r.scan_iter(match=pattern, count=500):
             # Only the page cache's own keys: other state may share the chat's
             # hash tag under this prefix (presence, typing) and is not a cache.
-            if key.endswith((b":meta", b":rows")):
+            if key.endswith((b":meta", b":rows", b":pages")):
                 removed += int(await self._r.delete(key))
         return removed
 

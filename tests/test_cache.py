@@ -8,6 +8,7 @@ import asyncio
 import orjson
 import pytest
 
+from chatd import cache
 from chatd.server import Chatd
 
 from .helpers import Api
@@ -75,6 +76,81 @@ async def test_a_page_is_served_from_redis_while_its_version_is_current(
     assert chatd.domain.cache.hits == hits + 1
     # Paging away from the newest page always reads PostgreSQL.
     assert await contents(api, chat_id, "?after_seq=0") == ["m0", "m1"]
+
+
+def pages_key(settings, chat_id: str) -> str:
+    return f"{settings.redis_prefix}:{{chat:{chat_id}}}:pages"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_built_page_is_stored_read_back_and_dropped_by_every_write(
+    chatd, api, chat_id, settings, redis_client, database_url
+):
+    await api.create_chat(chat_id)
+    sent = [(await api.send(chat_id, f"m{i}")).json for i in range(3)]
+    await contents(api, chat_id)  # a miss: the rows are filled in the background
+    await cached_version(redis_client, settings, chat_id, pg_version(database_url, chat_id))
+    assert await contents(api, chat_id) == ["m0", "m1", "m2"]  # built from the rows, stored
+    pages = pages_key(settings, chat_id)
+    stored = await asyncio.to_thread(redis_client.hget, pages, "50:0")
+    version, more, joined = stored.split(b":", 2)
+    assert (int(version), more) == (pg_version(database_url, chat_id), b"0")
+    assert [m["content"] for m in orjson.loads(b"[" + joined + b"]")] == ["m0", "m1", "m2"]
+    assert await asyncio.to_thread(redis_client.pttl, pages) > 0  # it expires
+
+    # Served as stored: a doctored page at the current version shows.
+    doctored = orjson.dumps({**sent[2], "content": "stored"})
+    await asyncio.to_thread(redis_client.hset, pages, "50:0", version + b":1:" + doctored)
+    page = (await api.get(f"/chats/{chat_id}/messages")).json
+    assert [m["content"] for m in page["messages"]] == ["stored"] and page["has_more"] is True
+    # Not chatd's format: built again from the rows.
+    await asyncio.to_thread(redis_client.hset, pages, "50:0", b"garbage")
+    assert await contents(api, chat_id) == ["m0", "m1", "m2"]
+
+    # Each write drops the chat's pages in the step that applies it to the rows.
+    writes = [
+        lambda: api.send(chat_id, "m3"),
+        lambda: api.patch(f"/messages/{sent[0]['id']}", {"content": "m0'"}),
+        lambda: api.delete(f"/messages/{sent[1]['id']}"),
+    ]
+    for write, expected in zip(
+        writes,
+        (["m0", "m1", "m2", "m3"], ["m0'", "m1", "m2", "m3"], ["m0'", "m2", "m3"]),
+        strict=True,
+    ):
+        assert await contents(api, chat_id) != []  # a page is stored before the write
+        assert await asyncio.to_thread(redis_client.exists, pages)
+        await write()
+        after = pg_version(database_url, chat_id)
+        await cached_version(redis_client, settings, chat_id, after)
+        assert not await asyncio.to_thread(redis_client.exists, pages)
+        assert await contents(api, chat_id) == expected
+
+    # A page of another version is never served, whatever it holds.
+    current = pg_version(database_url, chat_id)
+    old = f"{current - 1}:0:".encode() + doctored
+    await asyncio.to_thread(redis_client.hset, pages, "50:0", old)
+    assert await contents(api, chat_id) == ["m0'", "m2", "m3"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_chat_keeps_a_bounded_number_of_built_pages(
+    chatd, api, chat_id, settings, redis_client, database_url
+):
+    await api.create_chat(chat_id)
+    for i in range(12):
+        await api.send(chat_id, f"m{i}")
+    await contents(api, chat_id)
+    await cached_version(redis_client, settings, chat_id, pg_version(database_url, chat_id))
+    for limit in range(1, 13):
+        for _ in range(2):  # built, then (while there is room) read back
+            page = (await api.get(f"/chats/{chat_id}/messages?limit={limit}")).json
+            assert [m["content"] for m in page["messages"]] == [
+                f"m{i}" for i in range(12 - limit, 12)
+            ]
+            assert page["has_more"] is (limit < 12)
+    pages = pages_key(settings, chat_id)
+    assert await asyncio.to_thread(redis_client.hlen, pages) == cache.MAX_PAGES
 
 
 @pytest.mark.gen_test(timeout=60)
