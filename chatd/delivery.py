@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from urllib.parse import urlsplit
 
 import engineio
@@ -168,7 +169,50 @@ class DirectSocket(AsyncSocket):
             packets.append(pkt)
         return packets
 
+    # -- pings: a timer per socket, not a sleeping task ------------------------
+
+    def schedule_ping(self):
+        # engine.io sleeps ping_interval in a task of its own per socket (~1.4
+        # KB each, held by every idle socket); a timer handle is ~0.2 KB.
+        if self.last_ping:
+            self.last_ping = None
+            asyncio.get_running_loop().call_later(self.server.ping_interval, self._ping_due)
+
+    def _ping_due(self) -> None:
+        # engine.io's _send_ping after its sleep.
+        if not self.closing and not self.closed:
+            self.last_ping = time.time()
+            task = asyncio.ensure_future(self.send(eio_packet.Packet(eio_packet.PING)))
+            _pinging.add(task)
+            task.add_done_callback(_pinging.discard)
+
+    async def check_ping_timeout(self):
+        if await super().check_ping_timeout():
+            return True
+        # The client stopped answering pings and engine.io closed the socket.
+        # Close its websocket too: the reader (which waits without a timeout
+        # of its own, see _websocket_handler) then ends, as a half-open
+        # connection gives it nothing else to end on.
+        handler = self._ws_handler
+        if handler is not None:
+            handler.close()
+        return False
+
+    # -- the websocket: reader and writer -------------------------------------
+
+    # The Tornado handler of the websocket this socket's writer writes to.
+    _ws_handler = None
+
     async def _websocket_handler(self, ws):
+        """engine.io's AsyncSocket._websocket_handler (python-engineio 4.x),
+        with the reader waiting for each message directly: engine.io wraps
+        every wait in a task of its own under ``asyncio.wait_for`` (~1.8 KB
+        held by every idle socket, and a task per message received). Its
+        timeout, which ended a connection that sent nothing for ping_interval
+        + ping_timeout, is kept by engine.io's service task instead: it closes
+        a socket whose client stopped answering pings, and
+        :meth:`check_ping_timeout` then closes the websocket, which ends the
+        reader. Everything else is engine.io's, in the same order."""
         # The websocket this socket's writer will write to. Tornado's
         # write_message frames the message and hands it to the stream before
         # it returns (with or without compression; only the returned future,
@@ -180,12 +224,105 @@ class DirectSocket(AsyncSocket):
         owner = self._ws_write is None and handler is not None
         if owner:
             self._ws_write = handler.write_message
+            self._ws_handler = handler
         try:
-            return await super()._websocket_handler(ws)
+            return await self._serve_websocket(ws)
         finally:
             if owner:
                 self._ws_write = None
                 self._write = None
+                self._ws_handler = None
+
+    async def _serve_websocket(self, ws):
+        server = self.server
+
+        async def websocket_wait():
+            data = await ws.wait()
+            if data and len(data) > server.max_http_buffer_size:
+                raise ValueError("packet is too large")
+            return data
+
+        if self.connected:
+            # the socket was already connected, so this is an upgrade
+            self.upgrading = True  # hold packet sends during the upgrade
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                return
+            decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
+            if decoded_pkt.packet_type != eio_packet.PING or decoded_pkt.data != "probe":
+                server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
+                self.upgrading = False
+                return
+            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+            await self.queue.put(eio_packet.Packet(eio_packet.NOOP))  # end poll
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                self.upgrading = False
+                return
+            decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
+            if decoded_pkt.packet_type != eio_packet.UPGRADE:
+                self.upgraded = False
+                server.logger.info(
+                    "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                    self.sid, pkt,
+                )  # fmt: skip
+                self.upgrading = False
+                return
+            self.upgraded = True
+            self.upgrading = False
+        else:
+            self.connected = True
+            self.upgraded = True
+
+        async def writer():
+            while True:
+                packets = None
+                try:
+                    packets = await self.poll()
+                except exceptions.QueueEmpty:
+                    break
+                if not packets:
+                    break  # empty packet list returned -> connection closed
+                try:
+                    for pkt in packets:
+                        await ws.send(pkt.encode())
+                except Exception:
+                    break
+            await ws.close()
+
+        writer_task = asyncio.ensure_future(writer())
+        server.logger.info("%s: Upgrade to websocket successful", self.sid)
+
+        while True:
+            try:
+                p = await websocket_wait()
+            except asyncio.CancelledError:  # pragma: no cover - as engine.io
+                break
+            except Exception:
+                break
+            if p is None:
+                break  # connection closed by client
+            pkt = eio_packet.Packet(encoded_packet=p)
+            try:
+                await self.receive(pkt)
+            except exceptions.UnknownPacketError:  # pragma: no cover
+                pass
+            except exceptions.SocketIsClosedError:  # pragma: no cover
+                server.logger.info("Receive error -- socket is closed")
+                break
+            except Exception:  # pragma: no cover
+                # an unexpected exception: log it and end the connection properly
+                server.logger.exception("Unknown receive error")
+
+        await self.queue.put(None)  # unlock the writer task so it can exit
+        await writer_task
+        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+# Pings being sent (a task each, kept referenced until it is done).
+_pinging: set[asyncio.Task] = set()
 
 
 class EngineServer(engineio.AsyncServer):

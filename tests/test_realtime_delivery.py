@@ -39,6 +39,8 @@ class RawClient:
         self.transport: str | None = None
         self.packets: list[tuple[str, str, object]] = []
         self.noops = 0
+        self.pings = 0
+        self.answer_pings = True  # False: a client that went away without a word
         self._ws = None
         self._http = AsyncHTTPClient(force_instance=True)
         self._polling = False
@@ -125,7 +127,9 @@ class RawClient:
         if kind == "0":
             self.sid = orjson.loads(rest)["sid"]
         elif kind == "2":
-            await self._send("3")
+            self.pings += 1
+            if self.answer_pings:
+                await self._send("3")
         elif kind == "6":
             self.noops += 1
         elif kind == "4":
@@ -466,3 +470,43 @@ async def test_socket_queue_behaves_as_asyncio_queue(make):
     with pytest.raises(ValueError):
         q.task_done()
     await asyncio.wait_for(q.join(), 1)  # nothing unfinished: at once
+
+
+def _ping_tasks() -> list:
+    return [t for t in asyncio.all_tasks() if "_send_ping" in repr(t.get_coro())]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_pings_keep_coming_from_a_timer_and_keep_the_socket_open(chatd, url):
+    eio = chatd.sio.eio
+    eio.ping_interval, eio.ping_timeout = 0.2, 1.0  # before the first socket
+    client = await RawClient(url, "bob").connect()
+    try:
+        await client.wait_until(lambda: client.pings >= 5, 10)
+        assert client.sid in eio.sockets and not eio.sockets[client.sid].closed
+        assert _ping_tasks() == []  # a timer per socket, no sleeping task
+        assert (await client.call("join-chat", "nope"))["ok"] is False  # still served
+    finally:
+        await client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_client_that_stops_answering_pings_is_disconnected(chatd, url):
+    eio = chatd.sio.eio
+    eio.ping_interval, eio.ping_timeout = 0.2, 0.5  # before the first socket
+    gone = await RawClient(url, "bob").connect()
+    alive = await RawClient(url, "carol").connect()
+    try:
+        gone.answer_pings = False
+        # The server closes the socket and its websocket: the client's reader
+        # sees the connection end (the server's reader has no timeout of its
+        # own any more; without the close it would wait forever).
+        await asyncio.wait_for(gone._reader, 20)
+        await gone.wait_until(lambda: gone.sid not in eio.sockets, 10)
+        assert gone.pings >= 1
+        # The other socket, which answers, is untouched.
+        assert (await alive.call("join-chat", "nope"))["ok"] is False
+        assert alive.sid in eio.sockets
+    finally:
+        await gone.close()
+        await alive.close()
