@@ -52,7 +52,6 @@ class Settings:
     shutdown_timeout: float = 10.0
     ws_compression: bool = False
     workers: int = 1
-    event_loop: str = "uvloop"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -301,6 +300,5 @@ def load(
         shutdown_timeout=env.float("SHUTDOWN_TIMEOUT", 10.0, 0.0, 3600.0),
         ws_compression=env.bool("WS_COMPRESSION", False),
         workers=workers,
-        event_loop=env.choice("CHATD_EVENT_LOOP", "uvloop", ("uvloop", "asyncio")),
         extra={"refresh_token_secret_set": env.get("REFRESH_TOKEN_SECRET") is not None},
     )

@@ -202,10 +202,3 @@ def test_chatd_reads_a_malformed_setting_from_dotenv_too(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "CHATPORT" in lines[0]
-
-
-def test_event_loop():
-    assert load(BASE).event_loop == "uvloop"
-    assert load({**BASE, "CHATD_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
-    with pytest.raises(config.ConfigError, match="CHATD_EVENT_LOOP must be one of uvloop, asyncio"):
-        load({**BASE, "CHATD_EVENT_LOOP": "trio"})
