@@ -16,7 +16,9 @@ for, and then read with a plain HGET: returning a 12 KB page from Lua costs
 Redis ~60 µs (copying the rows into Lua, joining them, copying the result
 out), an HGET of the same page ~3 µs. Every script that changes the rows
 deletes the chat's pages in the same atomic step, so a stored page is always
-built from the rows as they are, and carries their version.
+built from the rows as they are, and carries their version. The price: the
+first read of a page after a write takes two round trips (the HGET that
+misses, then the script), where the script alone took one.
 
 Coherence comes from PostgreSQL, not from invalidation. Every write to a
 chat's messages bumps ``chats.version`` in the same statement, and the cached

@@ -92,9 +92,9 @@ class RateLimiter:
             keys = [f"{self._prefix}:rl:{{{user_id}}}:{k}" for k, _ in budgets]
             windows = [int(b[1] * 1000) for _, b in budgets]
             try:
-                reply = await asyncio.wait_for(
-                    self._batch.run(self._hit, keys, windows), self._timeout
-                )
+                # asyncio.timeout, not wait_for: no Task of its own per check.
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._batch.run(self._hit, keys, windows)
             except (RedisError, OSError, TimeoutError) as exc:
                 if not self._failing:  # once per outage, not once per request
                     log.warning("rate limits off: Redis does not answer (%s)", exc or "timeout")

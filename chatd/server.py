@@ -40,17 +40,7 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from . import (
-    cache,
-    config,
-    embedded,
-    limits,
-    migrations,
-    presence,
-    realtime,
-    sdnotify,
-    web,
-)
+from . import cache, config, embedded, limits, migrations, presence, realtime, sdnotify, web
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
