@@ -33,23 +33,25 @@ page is at exactly the previous version (a Lua script each, so it is atomic),
 and drop it otherwise; the next reader refills it from one snapshot.
 
 Redis trouble never fails a request: every call is bounded by
-``REDIS_TIMEOUT`` and, after a failure, Redis is left alone for a second (a
-circuit breaker) so requests do not queue behind timeouts.
+``REDIS_TIMEOUT``, and the first timeout opens the breaker shared by every use
+of Redis (chatd.redishealth): the cache is then off (reads from PostgreSQL,
+writes not applied) until a probe hears Redis again. A page written while it
+was off is simply older than PostgreSQL, and never served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import autopipe
+from . import autopipe, redishealth
 
 log = logging.getLogger("chatd.cache")
 
@@ -187,7 +189,7 @@ class PageCache:
         self._prefix = prefix
         self.rows = rows if client is not None else 0
         self._ttl = ttl
-        self._down_until = 0.0
+        self._health = redishealth.of(client) if client is not None else None
         self.hits = 0
         self.misses = 0
         if client is not None:
@@ -199,16 +201,17 @@ class PageCache:
 
     @property
     def enabled(self) -> bool:
-        return self.rows > 0 and time.monotonic() >= self._down_until
+        return self.rows > 0 and self._health.up
 
     def _keys(self, chat_id: str) -> list[str]:
         tag = f"{self._prefix}:{{chat:{chat_id}}}"
         return [f"{tag}:meta", f"{tag}:rows", f"{tag}:pages"]
 
     def _failed(self, what: str, exc: Exception) -> None:
-        if time.monotonic() >= self._down_until:
+        # Timeouts and lost connections open the shared breaker (and are
+        # logged there); this is anything else (a script error, say).
+        if self._health.up:
             log.warning("redis %s failed (%s); serving from PostgreSQL", what, exc)
-        self._down_until = time.monotonic() + 1.0
 
     async def read(self, chat_id: str, limit: int, include_deleted: bool) -> CachedPage | None:
         """The newest page as the cache has it (check its version!), or None."""
@@ -264,7 +267,7 @@ class PageCache:
             return
         args = [version, last_seq, 1 if complete else 0, self._ttl, *rows]
         try:
-            await self._fill(keys=self._keys(chat_id), args=args)
+            await self._batch.run(self._fill, self._keys(chat_id), args)
         except (RedisError, OSError) as exc:
             self._failed("cache fill", exc)
 
@@ -292,7 +295,7 @@ class PageCache:
         if not self.enabled:
             return
         try:
-            await self._replace(keys=self._keys(chat_id), args=[version, seq, row])
+            await self._batch.run(self._replace, self._keys(chat_id), [version, seq, row])
         except (RedisError, OSError) as exc:
             self._failed("cache replace", exc)
 
@@ -326,16 +329,32 @@ MAX_CONNECTIONS = 64
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A Redis client whose every call is bounded by ``timeout`` seconds."""
-    # One retry: after a Redis restart the pooled socket is dead and the first
-    # attempt fails at once; the retry reconnects. More would only stretch an
-    # outage into request latency.
+    # One retry, on a lost connection only: after a Redis restart the pooled
+    # socket is dead and the first attempt fails at once; the retry
+    # reconnects. A timeout is not retried (redis-py's default would wait
+    # twice): it opens the shared breaker (chatd.redishealth), which the
+    # client carries, and the Batcher bounds each round trip, retry included.
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
     )
-    return aioredis.Redis.from_pool(pool)
+    client = aioredis.Redis.from_pool(pool)
+    redishealth.attach(client, timeout)
+    return client
+
+
+async def ping(client: aioredis.Redis) -> None:
+    """PING through the client's Batcher: bounded by REDIS_TIMEOUT, and
+    RedisUnavailable at once while the shared breaker is open."""
+    await autopipe.batcher(client).run(None, (), ("PING",))
+
+
+async def disconnect(client: aioredis.Redis) -> None:
+    """Stop the client's probe (if Redis is down) and close its connections."""
+    await redishealth.of(client).close()
+    await client.aclose()

@@ -80,6 +80,24 @@ class Coalescer:
         if sending is not None and all(f.cancelled() for _, f in sending[1]):
             sending[0].cancel()
 
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every call not yet answered with ``exc``, now: the ones
+        gathering in this iteration (they are not sent) and the ones in
+        flight (their batches are stopped, so a hung store holds no caller
+        for its timeout). The batch running this (if any) finishes on its own."""
+        gathering, self._open = self._open, None
+        current = asyncio.current_task()
+        stopped = set()
+        for _, future in gathering or ():
+            if not future.done():
+                future.set_exception(exc)
+        for future, (task, _) in list(self._sending.items()):
+            if not future.done():
+                future.set_exception(exc)
+            if task is not current and task not in stopped:
+                stopped.add(task)
+                task.cancel()
+
     def _send(self, batch: list) -> None:
         if self._open is batch:
             self._open = None

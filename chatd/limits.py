@@ -13,15 +13,15 @@ Lua script does INCR, the TTL read and the PEXPIRE, so a send pays ONE Redis
 round trip and no window ever lives without a TTL.
 
 Fail open: rate limiting protects the service, it is not a correctness rule,
-so when Redis does not answer within ``REDIS_TIMEOUT`` the hit is allowed,
-logged once, and Redis is left alone for a second (the same breaker as the page
-cache) so sends keep flowing from PostgreSQL at full speed. With no Redis
-configured at all (one process) the windows are counted in this process.
+so when Redis does not answer within ``REDIS_TIMEOUT`` the hit is allowed and
+logged once per outage; while the breaker shared by every use of Redis is open
+(chatd.redishealth), every hit is allowed without a round trip, so sends keep
+flowing from PostgreSQL at full speed. With no Redis configured at all (one
+process) the windows are counted in this process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -60,13 +60,10 @@ class RateLimiter:
         client,
         prefix: str,
         budgets: dict[str, tuple[int, float] | None],
-        timeout: float = 1.0,
     ):
         self._r = client
         self._prefix = prefix
         self.budgets = dict(budgets)
-        self._timeout = timeout
-        self._down_until = 0.0
         self._failing = False
         self._local: dict[tuple[str, str], tuple[int, float]] = {}
         self.failed_open = 0  # hits allowed because Redis did not answer
@@ -84,23 +81,19 @@ class RateLimiter:
         if self._r is None:
             counts = [self._count_locally(k, user_id, b[1]) for k, b in budgets]
         else:
-            if time.monotonic() < self._down_until:
-                self.failed_open += 1
+            if not self._batch.health.up:  # the shared breaker: no round trip
+                self._fail_open("Redis is not answering")
                 return
             # The {user} hash tag keeps one user's windows in one Cluster slot,
             # as a multi-key script needs.
             keys = [f"{self._prefix}:rl:{{{user_id}}}:{k}" for k, _ in budgets]
             windows = [int(b[1] * 1000) for _, b in budgets]
             try:
-                # asyncio.timeout, not wait_for: no Task of its own per check.
-                async with asyncio.timeout(self._timeout):
-                    reply = await self._batch.run(self._hit, keys, windows)
-            except (RedisError, OSError, TimeoutError) as exc:
-                if not self._failing:  # once per outage, not once per request
-                    log.warning("rate limits off: Redis does not answer (%s)", exc or "timeout")
-                    self._failing = True
-                self._down_until = time.monotonic() + 1.0
-                self.failed_open += 1
+                # Bounded by REDIS_TIMEOUT (the Batcher), released at once when
+                # another call's timeout opens the breaker.
+                reply = await self._batch.run(self._hit, keys, windows)
+            except (RedisError, OSError) as exc:
+                self._fail_open(exc)
                 return
             if self._failing:
                 log.warning("rate limits on again: Redis answers")
@@ -113,6 +106,12 @@ class RateLimiter:
                     f"too many {what}: at most {limit} per {period:g}s, retry in {remaining:.1f}s",
                     retry_after=remaining,
                 )
+
+    def _fail_open(self, why) -> None:
+        if not self._failing:  # once per outage, not once per request
+            log.warning("rate limits off: Redis does not answer (%s)", why)
+            self._failing = True
+        self.failed_open += 1
 
     def _count_locally(self, kind: str, user_id: str, period: float) -> tuple[int, float]:
         now = time.monotonic()

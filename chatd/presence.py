@@ -33,7 +33,9 @@ its users come back online; their ``online: false`` in between was the best
 anyone could tell.
 
 Redis trouble never fails a socket event: presence is then simply not
-updated (and logged), and the next heartbeat repairs what it can.
+updated (and logged), and the next heartbeat repairs what it can. Every call
+goes through the client's Batcher, so it is bounded by ``REDIS_TIMEOUT`` and
+skipped at once while the shared breaker is open (chatd.redishealth).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from . import autopipe
 
 log = logging.getLogger("chatd.presence")
 
@@ -222,6 +226,7 @@ class Presence(_Base):
         self._leave = client.register_script(_LEAVE)
         self._beat = client.register_script(_BEAT)
         self._reap = client.register_script(_REAP)
+        self._batch = autopipe.batcher(client)
         self._task: asyncio.Task | None = None
         self._closed = False
         self._failing_since = 0.0
@@ -271,7 +276,7 @@ class Presence(_Base):
     async def beat(self) -> None:
         """Refresh this process's deadline and reap the processes that missed theirs."""
         try:
-            reply = await self._beat(keys=[self._procs], args=[self.pid, self.deadline_ms])
+            reply = await self._batch.run(self._beat, [self._procs], [self.pid, self.deadline_ms])
         except (RedisError, OSError) as exc:
             self._failed("heartbeat", exc)
             return
@@ -292,7 +297,8 @@ class Presence(_Base):
         are gone (a leave that failed), announcing whoever that changes."""
         self._dirty = False
         try:
-            counted = {m.decode() for m in await self._r.smembers(self._proc_key(self.pid))}
+            members = await self._batch.run(None, (), ("SMEMBERS", self._proc_key(self.pid)))
+            counted = {m.decode() for m in members}
         except (RedisError, OSError) as exc:
             self._failed("reconcile", exc)
             return
@@ -306,9 +312,10 @@ class Presence(_Base):
 
     async def reap(self, pid: str, force: bool = False) -> None:
         try:
-            gone = await self._reap(
-                keys=[self._procs, self._proc_key(pid)],
-                args=[pid, self._chat_prefix, 1 if force else 0],
+            gone = await self._batch.run(
+                self._reap,
+                [self._procs, self._proc_key(pid)],
+                [pid, self._chat_prefix, 1 if force else 0],
             )
         except (RedisError, OSError) as exc:
             self._failed("reap", exc)
@@ -328,9 +335,10 @@ class Presence(_Base):
 
     async def _count_in(self, chat_id: str, user_id: str, sid: str, retry: bool) -> None:
         try:
-            n = await self._join(
-                keys=[self._chat_prefix + chat_id, self._proc_key(self.pid), self._procs],
-                args=[user_id, _ref(chat_id, sid, user_id), self.pid],
+            n = await self._batch.run(
+                self._join,
+                [self._chat_prefix + chat_id, self._proc_key(self.pid), self._procs],
+                [user_id, _ref(chat_id, sid, user_id), self.pid],
             )
         except (RedisError, OSError) as exc:
             self._failed("join", exc)
@@ -353,9 +361,10 @@ class Presence(_Base):
 
     async def _count_out(self, chat_id: str, user_id: str, ref: str) -> None:
         try:
-            n = await self._leave(
-                keys=[self._chat_prefix + chat_id, self._proc_key(self.pid)],
-                args=[user_id, ref],
+            n = await self._batch.run(
+                self._leave,
+                [self._chat_prefix + chat_id, self._proc_key(self.pid)],
+                [user_id, ref],
             )
         except (RedisError, OSError) as exc:
             self._failed("leave", exc)
@@ -366,7 +375,7 @@ class Presence(_Base):
     async def online(self, chat_id: str) -> list[str]:
         """The users with at least one socket in the chat's room (any process)."""
         try:
-            users = await self._r.hkeys(self._chat_prefix + chat_id)
+            users = await self._batch.run(None, (), ("HKEYS", self._chat_prefix + chat_id))
         except (RedisError, OSError) as exc:
             self._failed("read", exc)
             return []
@@ -380,13 +389,15 @@ class Gate:
 
     def __init__(self, client: aioredis.Redis | None, prefix: str):
         self._r = client
+        self._batch = autopipe.batcher(client) if client is not None else None
         self._prefix = f"{prefix}:gate:"
         self._local: dict[str, float] = {}  # only without Redis (one process)
 
     async def allow(self, key: str, ms: int) -> bool:
-        if self._r is not None:
+        if self._batch is not None:
+            command = ("SET", self._prefix + key, b"1", "NX", "PX", ms)
             try:
-                return bool(await self._r.set(self._prefix + key, b"1", nx=True, px=ms))
+                return bool(await self._batch.run(None, (), command))
             except (RedisError, OSError):
                 return True
         now = time.monotonic()

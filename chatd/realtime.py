@@ -47,7 +47,6 @@ import contextvars
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -58,11 +57,12 @@ from socketio.async_manager import AsyncManager
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from tornado.httputil import HTTPHeaders
 
-from . import delivery, validate
+from . import autopipe, delivery, validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
 from .errors import ApiError, BadRequest, Forbidden, RateLimited, Unauthorized
 from .presence import LocalPresence, Presence
+from .redishealth import RedisUnavailable
 from .web import request_id_from
 
 log = logging.getLogger("chatd.realtime")
@@ -83,8 +83,6 @@ LISTEN_PING_INTERVAL = 5.0
 # Reconnect backoff of the listener: from 0.2 s up to 5 s (python-socketio's
 # own goes up to 60 s, i.e. up to a minute of lost events after Redis is back).
 LISTEN_RETRY = (0.2, 5.0)
-# After a failed publish, skip publishing for this long (seconds).
-PUBLISH_PAUSE = 1.0
 # A pub/sub message carrying several emits, in order (a group commit's new
 # messages): one PUBLISH, and one message to read on every process.
 BATCH = "chatd:batch"
@@ -407,8 +405,10 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
             },
         )
         self.publisher = publisher
-        self._publish_failing_since = 0.0
-        self._publish_down_until = 0.0
+        # Publishes share the Redis client's Batcher, hence its breaker
+        # (chatd.redishealth): skipped at once while Redis does not answer.
+        self._batch = autopipe.batcher(publisher) if publisher is not None else None
+        self._publish_failing = False
         # Set while Redis has confirmed our subscription.
         self.subscribed = asyncio.Event()
         self._own_suffix = f'"host_id":"{self.host_id}"}}'.encode()
@@ -417,20 +417,19 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         return await self.publish_raw(self.json.dumps(data))
 
     async def publish_raw(self, payload: bytes | str) -> None:
-        now = time.monotonic()
-        if now < self._publish_down_until:
-            # A circuit breaker: while Redis fails, emits do not each wait for
-            # REDIS_TIMEOUT (the request that emitted is already answered or
-            # about to be; the other processes miss the event either way).
-            return None
         try:
-            return await self.publisher.publish(self.channel, payload)
+            if not self._batch.health.up:
+                # The shared breaker: emits do not each wait for REDIS_TIMEOUT
+                # (the other processes miss the event either way).
+                raise RedisUnavailable("Redis is not answering")
+            await self._batch.run(None, (), ("PUBLISH", self.channel, payload))
         except (RedisError, OSError) as exc:
-            self._publish_down_until = time.monotonic() + PUBLISH_PAUSE
-            if now - self._publish_failing_since > 10:
+            if not self._publish_failing:  # once per outage
                 log.warning("cannot publish to Redis (%s): other processes miss events", exc)
-                self._publish_failing_since = now
+                self._publish_failing = True
             return None
+        if self._publish_failing:
+            self._publish_failing = False
 
     def _unbatch(self, raw: bytes) -> list:
         """A received payload as python-socketio's messages (dicts): a batch is
@@ -497,7 +496,10 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
                             await closing.aclose()
                         except Exception:
                             pass
-            await asyncio.sleep(delay)
+            if self._batch is None or self._batch.health.up:
+                await asyncio.sleep(delay)
+            else:  # reconnect as soon as the shared probe hears Redis again
+                await self._batch.health.wait_up(LISTEN_RETRY[1])
             delay = min(delay * 2, LISTEN_RETRY[1])
 
 

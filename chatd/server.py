@@ -176,7 +176,6 @@ class Chatd:
             self.redis,
             s.redis_prefix,
             {limits.SENDS: s.rate_limit_sends, limits.EVENTS: s.rate_limit_events},
-            timeout=s.redis_timeout,
         )
         self.domain = ChatService(
             self.storage,
@@ -297,7 +296,9 @@ class Chatd:
             if self.redis is None:
                 return
             try:
-                await asyncio.wait_for(self.redis.ping(), self.settings.redis_timeout)
+                # Through the Batcher: bounded by REDIS_TIMEOUT, and at once
+                # while the shared breaker is open (chatd.redishealth).
+                await cache.ping(self.redis)
             except Exception:
                 down.append("redis")
 
@@ -345,7 +346,7 @@ class Chatd:
         if self.storage is not None:
             await self.storage.close()
         if self.redis is not None:
-            await self.redis.aclose()
+            await cache.disconnect(self.redis)
 
 
 async def _close_for_reconnect(sio: socketio.AsyncServer) -> None:

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from chatd import autopipe, coalesce
+from chatd import autopipe, coalesce, redishealth
 
 from . import conftest
 
@@ -87,6 +87,7 @@ async def test_redis_down_fails_every_call_of_the_batch_without_hanging():
         *(batcher.run(script, ["k"], [i]) for i in range(4)), return_exceptions=True
     )
     assert all(isinstance(r, (RedisError, OSError)) for r in results), results
+    await redishealth.of(down).close()  # its probe, started by the failure
     await down.aclose()
 
 
