@@ -57,6 +57,13 @@ class Batcher(Coalescer):
             return future
         return super().submit(call)
 
+    async def close(self) -> None:
+        """The client is closing: no call from now on, and none left running
+        (a batch still connecting when the event loop ends is never finished)."""
+        await self.health.close()
+        stopped = self.fail_all(RedisUnavailable("the Redis client is closed"))
+        await asyncio.gather(*stopped, return_exceptions=True)
+
     async def one(self, call):
         return await self._bounded(self._one, call)
 

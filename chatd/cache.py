@@ -355,6 +355,6 @@ async def ping(client: aioredis.Redis) -> None:
 
 
 async def disconnect(client: aioredis.Redis) -> None:
-    """Stop the client's probe (if Redis is down) and close its connections."""
-    await redishealth.of(client).close()
+    """Stop the client's calls and probe, and close its connections."""
+    await autopipe.batcher(client).close()
     await client.aclose()

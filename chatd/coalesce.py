@@ -80,11 +80,12 @@ class Coalescer:
         if sending is not None and all(f.cancelled() for _, f in sending[1]):
             sending[0].cancel()
 
-    def fail_all(self, exc: Exception) -> None:
+    def fail_all(self, exc: Exception) -> list[asyncio.Task]:
         """Fail every call not yet answered with ``exc``, now: the ones
         gathering in this iteration (they are not sent) and the ones in
         flight (their batches are stopped, so a hung store holds no caller
-        for its timeout). The batch running this (if any) finishes on its own."""
+        for its timeout). The batch running this (if any) finishes on its
+        own. The batches stopped (to wait for, at shutdown)."""
         gathering, self._open = self._open, None
         current = asyncio.current_task()
         stopped = set()
@@ -97,6 +98,7 @@ class Coalescer:
             if task is not current and task not in stopped:
                 stopped.add(task)
                 task.cancel()
+        return list(stopped)
 
     def _send(self, batch: list) -> None:
         if self._open is batch:
