@@ -22,6 +22,9 @@ import time
 import pytest
 import redis
 
+from chatd import autopipe, cache
+from chatd.redishealth import RedisUnavailable
+
 from .helpers import Api, SocketClient, pg_query
 
 REDIS_TIMEOUT = 1.0
@@ -300,3 +303,49 @@ def _meta(direct: redis.Redis, chat_id: str) -> dict:
     keys = list(direct.scan_iter(match=f"*{{chat:{chat_id}}}:meta"))
     assert len(keys) == 1, keys
     return direct.hgetall(keys[0])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_calls_waiting_on_a_hung_redis_are_released_together_and_never_misread(
+    private_redis,
+):
+    """Two calls on two connections of a hung Redis: the first one's timeout
+    releases both (the second does not wait a timeout of its own), later
+    calls fail without a round trip, and after SIGCONT no connection that
+    was waiting hands its late reply to another call."""
+    client = cache.connect(private_redis.url, REDIS_TIMEOUT)
+    batcher = autopipe.batcher(client)
+    echo = client.register_script("return ARGV[1]")
+    assert await batcher.run(echo, [], ["warm"]) == b"warm"
+    done: dict[str, float] = {}
+
+    def call(arg: str) -> asyncio.Future:
+        future = asyncio.ensure_future(batcher.run(echo, [], [arg]))
+        future.add_done_callback(lambda _: done.setdefault(arg, time.monotonic()))
+        return future
+
+    pause(private_redis)
+    try:
+        first = call("a")
+        await asyncio.sleep(REDIS_TIMEOUT * 0.6)
+        second = call("b")  # its own batch, on another connection
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        assert all(isinstance(r, RedisUnavailable) for r in results), results
+        # Released together: without that, "b" waits its own timeout, 0.6 s later.
+        assert abs(done["b"] - done["a"]) < REDIS_TIMEOUT * 0.3, done
+        assert not batcher.health.up
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            await batcher.run(echo, [], ["c"])
+        assert time.monotonic() - started < FAST
+    finally:
+        resume(private_redis)
+    assert await batcher.health.wait_up(BACK_WITHIN), "the probe did not hear Redis again"
+    # Redis now answers "a" and "b" too, on connections nobody may read again.
+    for round_ in range(3):
+        args = [f"{round_}-{i}" for i in range(8)]
+        replies = await asyncio.gather(*(batcher.run(echo, [], [a]) for a in args))
+        assert replies == [a.encode() for a in args]
+        for a in args:
+            assert await batcher.run(echo, [], [a]) == a.encode()
+    await cache.disconnect(client)
