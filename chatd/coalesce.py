@@ -15,6 +15,9 @@ callers' futures. A call cancelled before its batch leaves is not sent, and
 a batch whose callers were all cancelled is cancelled too (as a call made
 alone would be).
 
+:meth:`Coalescer.fail_all` answers every call not yet answered with one
+exception at once (a store that stopped answering: chatd.redishealth).
+
 :meth:`Coalescer.submit` queues a call and returns its future at once, so a
 request can put two calls (say an access check and a cache read) in one
 iteration's batches without a Task for each, as ``asyncio.gather`` needs.
