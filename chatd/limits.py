@@ -109,7 +109,7 @@ class RateLimiter:
 
     def _fail_open(self, why) -> None:
         if not self._failing:  # once per outage, not once per request
-            log.warning("rate limits off: Redis does not answer (%s)", why)
+            log.warning("rate limits off: %s", why)
             self._failing = True
         self.failed_open += 1
 
