@@ -204,9 +204,14 @@ class Connection(HTTP1Connection):
         if not self.is_client and not self._read_finished and not self._disconnect_on_finish:
             # An answer before the request body was read: read a small
             # announced body and keep the connection, or say it closes.
-            length = self._request_headers.get("Content-Length")
-            if "Transfer-Encoding" in self._request_headers or (
-                length is not None and int(length) > DISCARD_LIMIT
+            req = self._request_headers
+            length = req.get("Content-Length")
+            if (
+                "Transfer-Encoding" in req
+                or (length is not None and int(length) > DISCARD_LIMIT)
+                # A client told "no" before its 100 Continue may never send
+                # the body: its next request would be read as that body.
+                or (length not in (None, "0") and "Expect" in req)
             ):
                 self._disconnect_on_finish = True  # Tornado adds Connection: close
             else:

@@ -353,3 +353,19 @@ async def test_a_stop_does_not_wait_for_an_unfinished_body(spawn):
     writer.close()
     assert took < 5, (took, proc.log())
     assert "in flight" not in proc.log()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_early_answer_to_expect_100_continue_closes(chatd):
+    """The client may never send a body it was refused before 100 Continue:
+    chatd must not read its next request as that body."""
+    reader, writer = await connect(chatd.port)
+    try:
+        writer.write(request("POST", "/chats", Content_Length="2", Expect="100-continue"))
+        answer = await read_answer(reader)
+        assert_json_error(answer, 401, "unauthorized")
+        assert answer.headers["connection"] == "close", answer
+        writer.write(request("GET", "/healthz"))  # not taken as the body
+        assert await closed_by_server(reader)
+    finally:
+        writer.close()
