@@ -369,3 +369,18 @@ async def test_an_early_answer_to_expect_100_continue_closes(chatd):
         assert await closed_by_server(reader)
     finally:
         writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_head_just_under_the_limit_and_blank_lines_before_it_are_served(chatd):
+    reader, writer = await connect(chatd.port)
+    try:
+        # 60 KB of headers, then (pipelined) a request after stray blank lines
+        writer.write(request("GET", "/healthz", X_Big="b" * 60_000))
+        writer.write(b"\r\n\r\n" + request("GET", "/healthz?" + "q" * 30_000))
+        for _ in range(2):
+            answer = await read_answer(reader)
+            assert answer is not None and answer.status == 200, answer
+            assert answer.headers.get("connection") is None
+    finally:
+        writer.close()
