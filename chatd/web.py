@@ -154,12 +154,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self._counted = False
             self.ctx.inflight.leave()
 
-    def on_connection_close(self) -> None:
-        # The connection went (or chatd.httpconn cut it: a malformed or
-        # unfinished body) before an answer: the request is no longer in flight.
-        super().on_connection_close()
-        self.on_finish()
-
     # -- request plumbing -------------------------------------------------------
 
     def clear(self) -> None:
