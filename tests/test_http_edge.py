@@ -384,3 +384,22 @@ async def test_a_head_just_under_the_limit_and_blank_lines_before_it_are_served(
             assert answer.headers.get("connection") is None
     finally:
         writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_still_sending_reads_its_413_instead_of_a_reset(chatd):
+    """The client sends its whole 600 KB body before reading (as most do):
+    chatd drops what arrives after its 413 for a moment instead of closing on
+    unread data, which would reset the connection, answer and all."""
+    reader, writer = await connect(chatd.port)
+    try:
+        writer.write(request("POST", "/chats", Content_Length=str(600_000)))
+        for _ in range(600_000 // 60_000):
+            writer.write(b"x" * 60_000)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        answer = await read_answer(reader)
+        assert_json_error(answer, 413, "payload_too_large")
+        assert answer.headers["connection"] == "close"
+    finally:
+        writer.close()
