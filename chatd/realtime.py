@@ -41,7 +41,8 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 
 Tornado's HTTP layer is overridden likewise in chatd.httpconn (exercised by
 tests/test_http_edge.py): ``HTTP1Connection._read_message_inner`` (server
-side), ``write_headers``, ``write``, ``finish``, ``_finish_request``,
+side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
+``finish``, ``_finish_request``,
 ``HTTP1ServerConnection._server_request_loop`` and ``HTTPServer.handle_stream``
 (chatd.server.HTTPServer).
 """

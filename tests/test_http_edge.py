@@ -403,3 +403,21 @@ async def test_a_client_still_sending_reads_its_413_instead_of_a_reset(chatd):
         assert answer.headers["connection"] == "close"
     finally:
         writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_body_arriving_within_the_timeout_is_served(quick_chatd):
+    """Headers first, the body 0.5 s later (BODY_TIMEOUT is 1 s here): the
+    body timer runs and does not fire; the connection serves on."""
+    reader, writer = await connect(quick_chatd.port)
+    try:
+        tok = token("alice")
+        writer.write(request("POST", "/chats", Authorization=f"Bearer {tok}", Content_Length="14"))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(b'{"title":"t"}\n' + request("GET", "/healthz"))
+        created = await read_answer(reader)
+        assert created is not None and created.status == 201, created
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
