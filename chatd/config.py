@@ -50,6 +50,7 @@ class Settings:
     cache_rows: int = 100
     cache_ttl: int = 3600
     shutdown_timeout: float = 10.0
+    body_timeout: float = 20.0
     ws_compression: bool = False
     workers: int = 1
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -298,6 +299,7 @@ def load(
         cache_rows=env.int("CACHE_ROWS", 100, 0, 1000),
         cache_ttl=env.int("CACHE_TTL", 3600, 1, 30 * 86400),
         shutdown_timeout=env.float("SHUTDOWN_TIMEOUT", 10.0, 0.0, 3600.0),
+        body_timeout=env.float("BODY_TIMEOUT", 20.0, 0.1, 600.0),
         ws_compression=env.bool("WS_COMPRESSION", False),
         workers=workers,
         extra={"refresh_token_secret_set": env.get("REFRESH_TOKEN_SECRET") is not None},

@@ -105,7 +105,8 @@ SCHEMAS = {
                     "code": {"type": "string", "enum": [
                         "invalid_json", "validation_error", "unauthorized", "token_expired",
                         "forbidden", "chat_not_found", "message_not_found", "not_found",
-                        "method_not_allowed", "conflict", "payload_too_large",
+                        "method_not_allowed", "request_timeout", "conflict",
+                        "payload_too_large", "uri_too_long", "headers_too_large",
                         "rate_limited", "unavailable"]},
                     "message": {"type": "string"},
                 },
@@ -152,9 +153,12 @@ _ERROR_TEXT = {
     401: "unauthorized or token_expired",
     403: "forbidden",
     404: "chat_not_found, message_not_found or not_found",
+    408: "request_timeout: the body did not arrive within BODY_TIMEOUT",
     409: "conflict",
     413: "payload_too_large: the body is over 64 KiB (checked before anything else)",
+    414: "uri_too_long: the request line alone is over 64 KiB",
     429: "rate_limited: over the sender's RATE_LIMIT_SENDS budget; retry after Retry-After",
+    431: "headers_too_large: the request line and headers are over 64 KiB",
     503: "unavailable: a backing store is down",
 }
 
@@ -277,7 +281,9 @@ def document() -> dict:
             "title": "chatd",
             "version": "1",
             "description": "REST API of chatd (Socket.IO events are in API.md). Every non-2xx "
-            "answer is an Error; 405 method_not_allowed answers methods not listed here.",
+            "answer is an Error; 405 method_not_allowed answers methods not listed here. Any "
+            "request may also be answered 408, 414 or 431 (components.responses), and a "
+            "malformed one 400, by the HTTP layer before it reaches an operation.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],

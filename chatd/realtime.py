@@ -38,6 +38,13 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
 (chatd.delivery, exercised by tests/test_realtime_delivery.py).
+
+Tornado's HTTP layer is overridden likewise in chatd.httpconn (exercised by
+tests/test_http_edge.py): ``HTTP1Connection._read_message_inner`` (server
+side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
+``finish``, ``_finish_request``,
+``HTTP1ServerConnection._server_request_loop`` and ``HTTPServer.handle_stream``
+(chatd.server.HTTPServer).
 """
 
 from __future__ import annotations

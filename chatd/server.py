@@ -40,7 +40,18 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-from . import cache, config, embedded, limits, migrations, presence, realtime, sdnotify, web
+from . import (
+    cache,
+    config,
+    embedded,
+    httpconn,
+    limits,
+    migrations,
+    presence,
+    realtime,
+    sdnotify,
+    web,
+)
 from .auth import TokenVerifier
 from .domain import ChatService
 from .errors import Unavailable
@@ -218,6 +229,8 @@ class Chatd:
             # this only cuts off a client that keeps sending after that.
             max_body_size=1024 * 1024,
             idle_connection_timeout=75,
+            # A body not received within this is answered 408 (chatd.httpconn).
+            body_timeout=s.body_timeout,
         )
         sockets = self._sockets or bind(s)
         self.http.add_sockets(sockets)
@@ -412,7 +425,9 @@ class _Inbox:
 
 
 class HTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server with TCP_NODELAY on for each connection's life.
+    """Tornado's HTTP server with chatd's connections (chatd.httpconn: keep-alive
+    after early answers, JSON answers to malformed requests, 408/414/431) and
+    TCP_NODELAY on for each connection's life.
 
     Tornado turns Nagle's algorithm off to finish every response and back on
     after it: two setsockopt() calls per request (~2.5% of a history read).
@@ -422,7 +437,15 @@ class HTTPServer(tornado.httpserver.HTTPServer):
     def handle_stream(self, stream, address) -> None:
         stream.set_nodelay(True)
         stream.set_nodelay = _nodelay_stays_on
-        super().handle_stream(stream, address)
+        # Tornado's handle_stream, with chatd's connection class.
+        context = tornado.httpserver._HTTPRequestContext(
+            stream, address, self.protocol, self.trusted_downstream
+        )
+        ctx = getattr(self.request_callback, "settings", {}).get("chatd_ctx")
+        context.chatd_cors = ctx.cors_origins if ctx is not None else ()
+        conn = httpconn.ServerConnection(stream, self.conn_params, context)
+        self._connections.add(conn)
+        conn.start_serving(self)
 
 
 def _nodelay_stays_on(value: bool) -> None:

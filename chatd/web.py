@@ -53,7 +53,11 @@ class Context:
 
 
 class Inflight:
-    """REST requests being answered, so a stop can wait for them (server.py)."""
+    """REST requests being answered, so a stop can wait for them (server.py).
+
+    A request counts from when its body has arrived: a stop does not wait for
+    a client still sending one (chatd.httpconn cuts such bodies off after
+    BODY_TIMEOUT, and a stop closes their connections)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -100,17 +104,19 @@ def request_id_of(request) -> str:
     """The request's id: the client's X-Request-Id if sane, else a new one (cached)."""
     rid = getattr(request, "_chatd_request_id", None)
     if rid is None:
-        rid = request_id_from(request.headers.get("X-Request-Id")) or (
-            f"{_RID_PREFIX}{next(_rid_counter):016x}"
-        )
+        rid = request_id_from(request.headers.get("X-Request-Id")) or new_request_id()
         request._chatd_request_id = rid
     return rid
+
+
+def new_request_id() -> str:
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}"
 
 
 _date = [0, ""]  # the Date header of the current second
 
 
-def _http_date() -> str:
+def http_date() -> str:
     now = int(time.time())
     if now != _date[0]:
         _date[0], _date[1] = now, tornado.httputil.format_timestamp(now)
@@ -132,8 +138,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self._body_parts: list[bytes] = []
         self._body_size = 0
         self._too_large = False
-        self._counted = True
-        ctx.inflight.enter()
+        self._counted = False  # in ctx.inflight: from when the body has arrived
         # RequestHandler.__init__ cleared the headers before ctx was here (see
         # clear()): the default ones are set now.
         self.set_default_headers()
@@ -158,7 +163,7 @@ class BaseHandler(tornado.web.RequestHandler):
         # that need ctx are set by set_default_headers() once ctx is there.
         headers = tornado.httputil.HTTPHeaders()
         headers["Content-Type"] = JSON_TYPE
-        headers["Date"] = _http_date()
+        headers["Date"] = http_date()
         self._headers = headers
         if getattr(self, "ctx", None) is not None:
             self.set_default_headers()
@@ -170,7 +175,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", JSON_TYPE)
         self.set_header("X-Request-Id", request_id_of(self.request))
         ctx = self.ctx
-        if _origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
+        if origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
             self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")
         if ctx.cors_origins:
@@ -189,43 +194,48 @@ class BaseHandler(tornado.web.RequestHandler):
         length = self._check_length()
         if method not in self.METHODS:
             raise tornado.web.HTTPError(405)
-        if self.PUBLIC:
-            return
-        if length is None and "chunked" in self.request.headers.get("Transfer-Encoding", ""):
-            # A chunked body announces no size: read it first (data_received caps
-            # it), so an oversize one is 413 before the token is looked at, as
-            # API.md asks of every body.
-            self._authenticate_after_body()
-        else:
+        # A chunked body announces no size: read it first (data_received caps
+        # it), so an oversize one is 413 before the token is looked at, as
+        # API.md asks of every body.
+        late = not self.PUBLIC and length is None and "Transfer-Encoding" in self.request.headers
+        if not (self.PUBLIC or late):
             self._authenticate()
+        self._after_body(authenticate=late)
 
     def _check_length(self) -> str | None:
-        """The Content-Length header; 413 when it announces more than MAX_BODY."""
+        """The Content-Length header; 413 when it announces more than MAX_BODY.
+        (chatd.httpconn has refused a malformed one already.)"""
         length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
+        if length is not None:
+            if not length.isdigit():
+                raise BadRequest("Content-Length must be a non-negative integer")
+            if int(length) > MAX_BODY:
+                raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
         return length
 
     def _authenticate(self) -> None:
         self.user_id = self.ctx.verifier.verify(bearer(self.request.headers.get("Authorization")))
 
-    def _authenticate_after_body(self) -> None:
+    def _after_body(self, authenticate: bool) -> None:
         name = self.request.method.lower()
         method = getattr(self, name)
 
-        async def authenticated(*args, **kwargs):
+        async def with_body(*args, **kwargs):
+            self._counted = True  # in flight from now: a stop waits for it
+            self.ctx.inflight.enter()
             if self._too_large:
                 raise PayloadTooLarge(f"request body is larger than {MAX_BODY} bytes")
-            self._authenticate()
+            if authenticate:
+                self._authenticate()
             result = method(*args, **kwargs)
             if result is not None:
                 await result
 
         # Tornado looks the method up by name after the body has arrived.
-        setattr(self, name, authenticated)
+        setattr(self, name, with_body)
 
     def _preflight(self) -> None:
-        if _origin_allowed(self.request.headers.get("Origin"), self.ctx.cors_origins):
+        if origin_allowed(self.request.headers.get("Origin"), self.ctx.cors_origins):
             self.set_header("Access-Control-Allow-Methods", ", ".join(self.METHODS))
             self.set_header(
                 "Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"
@@ -305,7 +315,7 @@ class BaseHandler(tornado.web.RequestHandler):
         )
 
 
-def _origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return bool(origin) and (origin in allowed or "*" in allowed)
 
 
@@ -507,6 +517,19 @@ def make_app(
 
 
 _access = logging.getLogger("chatd.access")
+
+
+def access_log(method: str, path: str, status: int, rid: str) -> None:
+    """The access line of an answer given without a handler (chatd.httpconn)."""
+    if _access.isEnabledFor(logging.INFO):
+        _access.info(
+            "%s %s %d rid=%s",
+            method,
+            path,
+            status,
+            rid,
+            extra={"request_id": rid, "method": method, "path": path, "status": status},
+        )
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

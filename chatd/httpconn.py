@@ -1,0 +1,396 @@
+"""chatd's HTTP/1.1 connections: Tornado's, with a clear answer wherever
+Tornado's own would drop the connection or answer with an empty body.
+
+Tornado (6.6) leaves four things that clients and proxies trip over:
+
+- **Early answers closed the connection unannounced.** An answer written
+  before the request body was read (404, 405, 401 from ``prepare()``, a 413)
+  made Tornado close the connection after it, without ``Connection: close``:
+  a keep-alive pool (undici, nginx ``keepalive``) sent its next request into
+  the closing socket. Here such a request's body is read and dropped when it
+  is announced and small (``Content-Length`` up to :data:`DISCARD_LIMIT`) and
+  the connection serves on; otherwise (a larger or chunked body) the answer
+  says ``Connection: close`` and the connection closes after it.
+- **Requests the parser refuses** (a malformed request line, HTTP/0.9 or
+  HTTP/2.0, a bad header line, ``Content-Length`` with ``Transfer-Encoding``,
+  a negative or conflicting ``Content-Length``, a bad chunk size, more than
+  1,000 query fields) got a bare ``400`` with no body. Here they get the JSON
+  error shape (400, or 413 for a body over ``max_body_size``), a request id,
+  and ``Connection: close``.
+- **A request head over** :data:`MAX_HEAD` **(64 KiB)** got no answer at all:
+  here it is ``414 uri_too_long`` when the request line alone is that long,
+  else ``431 headers_too_large``.
+- **A body that never finishes** held its connection (and, as the request
+  counted as in flight, every stop) until the idle timeout. Here a body not
+  received within ``BODY_TIMEOUT`` seconds is answered ``408
+  request_timeout`` (unless it was answered already) and the connection closes.
+
+After an answer that closes, the connection is not dropped at once: its write
+side is shut and what the client still sends is read and discarded for up to
+:data:`LINGER_SECONDS` (as nginx's ``lingering_close``), so that the client
+reads the answer instead of a reset.
+
+The override: ``HTTP1Connection._read_message_inner`` (server side, an
+adaptation of Tornado 6.6's; it also reads ``IOStream._read_buffer_size`` to
+skip the body timer when the body has arrived with its headers),
+``write_headers``, ``write``, ``finish`` and ``_finish_request``, and
+``HTTP1ServerConnection._server_request_loop`` (to use this connection class);
+listed with chatd's other library overrides in chatd/realtime.py, and
+exercised by tests/test_http_edge.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import re
+import socket
+
+import orjson
+from tornado import gen, httputil, iostream
+from tornado.concurrent import future_set_result_unless_cancelled
+from tornado.http1connection import (
+    HTTP1Connection,
+    HTTP1ServerConnection,
+    _ExceptionLoggingContext,
+)
+from tornado.log import app_log, gen_log
+
+from . import web
+from .errors import ApiError, BadRequest, PayloadTooLarge
+
+log = logging.getLogger("chatd.http")
+
+# The request line and headers together (Tornado's own default).
+MAX_HEAD = 64 * 1024
+# An early answer keeps the connection when the body still to read is announced
+# and at most this long (the REST body limit: a body chatd would have read anyway).
+DISCARD_LIMIT = web.MAX_BODY
+# After an answer that closes the connection: how long, and how much, of what
+# the client still sends is read and dropped before the socket closes.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+
+# The head up to its blank line (after any blank lines before it, which RFC
+# 9112 says to ignore), or MAX_HEAD + 1 bytes of a head with no end in sight:
+# the read then ends with what is needed to answer 414/431, where Tornado's
+# ``max_bytes`` closes the stream without a word. Line by line, it also finds
+# the end of a 400-byte head in 0.7 us where Tornado's ``\r?\n\r?\n`` takes 4.4.
+_HEAD = re.compile(rb"\A(?:[\r\n]*+(?:[^\n]*+\n)*?\r?\n|[\s\S]{%d})" % (MAX_HEAD + 1))
+_DIGITS = re.compile(r"[0-9]+")
+_RID_LINE = re.compile(rb"(?im)^X-Request-Id:[ \t]*([^\s]+)[ \t]*\r?$")
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(ApiError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(ApiError):
+    status = 431
+    code = "headers_too_large"
+
+
+class Connection(HTTP1Connection):
+    """One request/response exchange of a server connection (see the module
+    docstring for what differs from Tornado's)."""
+
+    _discard = False  # answered early; the (small) body is read and dropped
+    _refused = False  # answered by the connection itself: nothing more is written
+
+    # -- reading ---------------------------------------------------------------
+
+    async def _read_message_inner(self, delegate, num_1xx: int = 0) -> bool:
+        if self.is_client:
+            return await super()._read_message_inner(delegate, num_1xx)
+        need_delegate_close = False
+        try:
+            try:
+                head = await gen.with_timeout(
+                    self.stream.io_loop.time() + (self.params.header_timeout or 3600),
+                    self.stream.read_until_regex(_HEAD),
+                    quiet_exceptions=iostream.StreamClosedError,
+                )
+            except TimeoutError:
+                self.close()
+                return False
+            if len(head) > MAX_HEAD:
+                await self._refuse(_too_large_head(head), None)
+                return False
+            headers = None
+            try:
+                line, headers = self._parse_headers(head)
+                start_line = httputil.parse_request_start_line(line)
+                self._request_start_line = start_line
+                self._request_headers = headers
+                _check_framing(headers, self._max_body_size)
+            except httputil.HTTPInputError as exc:
+                await self._refuse(BadRequest(f"malformed request: {exc}"), headers, head)
+                return False
+            except ApiError as exc:
+                await self._refuse(exc, headers)
+                return False
+            self._disconnect_on_finish = not self._can_keep_alive(start_line, headers)
+            need_delegate_close = True
+            try:
+                with _ExceptionLoggingContext(app_log):
+                    header_recv_future = delegate.headers_received(start_line, headers)
+                    if header_recv_future is not None:
+                        await header_recv_future
+            except httputil.HTTPInputError as exc:  # e.g. over 1,000 query fields
+                await self._refuse(BadRequest(f"malformed request: {exc}"), headers)
+                return False
+            if self.stream is None:  # detached (a websocket)
+                need_delegate_close = False
+                return False
+            if self._write_finished and self._disconnect_on_finish:
+                # Answered before the body, which is not worth reading (413):
+                # the answer said Connection: close.
+                await self._finish_future
+                await self._linger()
+                return False
+            if headers.get("Expect") == "100-continue" and not self._write_finished:
+                self.stream.write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
+            try:
+                body_future = self._read_body(0, headers, delegate)
+                if body_future is None:
+                    pass
+                elif self._body_buffered(headers):
+                    # All there already (a small body comes with its headers):
+                    # no timer (gen.with_timeout costs ~40 us per request).
+                    await body_future
+                else:
+                    await gen.with_timeout(
+                        self.stream.io_loop.time() + (self._body_timeout or 3600),
+                        body_future,
+                        quiet_exceptions=(iostream.StreamClosedError, httputil.HTTPInputError),
+                    )
+            except TimeoutError:
+                await self._refuse(
+                    RequestTimeout(f"request body not received within {self._body_timeout:g}s"),
+                    headers,
+                )
+                return False
+            except httputil.HTTPInputError as exc:
+                await self._refuse(_body_error(exc), headers)
+                return False
+            self._read_finished = True
+            if not self._write_finished:
+                with _ExceptionLoggingContext(app_log):
+                    delegate.finish()
+                need_delegate_close = False
+            if (
+                not self._finish_future.done()
+                and self.stream is not None
+                and not self.stream.closed()
+            ):
+                self.stream.set_close_callback(self._on_connection_close)
+                await self._finish_future
+            if self.stream is None:
+                return False
+            if self._disconnect_on_finish and not self.stream.closed():
+                # Answered early (the body has been dropped since) on a
+                # connection the client asked to close.
+                await self._linger()
+                return False
+        finally:
+            if need_delegate_close:
+                with _ExceptionLoggingContext(app_log):
+                    delegate.on_connection_close()
+            self._clear_callbacks()
+        return True
+
+    def _body_buffered(self, headers: httputil.HTTPHeaders) -> bool:
+        length = headers.get("Content-Length")
+        # IOStream's count of bytes read and not consumed yet (no public accessor).
+        return length is not None and int(length) <= self.stream._read_buffer_size
+
+    # -- writing ---------------------------------------------------------------
+
+    def write_headers(self, start_line, headers, chunk=None):
+        if self._refused:
+            return _done()
+        if not self.is_client and not self._read_finished and not self._disconnect_on_finish:
+            # An answer before the request body was read: read a small
+            # announced body and keep the connection, or say it closes.
+            req = self._request_headers
+            length = req.get("Content-Length")
+            if (
+                "Transfer-Encoding" in req
+                or (length is not None and int(length) > DISCARD_LIMIT)
+                # A client told "no" before its 100 Continue may never send
+                # the body: its next request would be read as that body.
+                or (length not in (None, "0") and "Expect" in req)
+            ):
+                self._disconnect_on_finish = True  # Tornado adds Connection: close
+            else:
+                self._discard = True
+        return super().write_headers(start_line, headers, chunk)
+
+    def write(self, chunk: bytes):
+        if self._refused:
+            return _done()
+        return super().write(chunk)
+
+    def finish(self) -> None:
+        if self._refused:
+            return
+        super().finish()
+        if self._discard and not self._read_finished:
+            # Tornado's finish() gives up on a body it has not read; this
+            # connection reads (and drops) it and carries on.
+            self._disconnect_on_finish = False
+
+    def _finish_request(self, future) -> None:
+        if self.is_client or self._read_finished or self.stream is None:
+            return super()._finish_request(future)
+        # The answer is out, the body is not read yet: _read_message_inner
+        # reads it, then goes on or closes.
+        self._clear_callbacks()
+        if not self._finish_future.done():
+            future_set_result_unless_cancelled(self._finish_future, None)
+
+    # -- refusing --------------------------------------------------------------
+
+    async def _refuse(
+        self, exc: ApiError, headers: httputil.HTTPHeaders | None, head: bytes = b""
+    ) -> None:
+        """Answer ``exc`` (unless an answer has been written) and close."""
+        if headers is None:
+            # Unparsable: the client's request id, if a line of the head has one.
+            headers = httputil.HTTPHeaders()
+            match = _RID_LINE.search(head[:MAX_HEAD])
+            if match:
+                headers["X-Request-Id"] = match.group(1).decode("latin1")
+        line = self._request_start_line
+        rid = web.request_id_from(headers.get("X-Request-Id")) or web.new_request_id()
+        if not self._write_finished and self._response_start_line is None:
+            self._refused = True
+            self._write_finished = True
+            body = orjson.dumps(exc.body())
+            out = [
+                f"HTTP/1.1 {exc.status} {http.HTTPStatus(exc.status).phrase}",
+                f"Content-Type: {web.JSON_TYPE}",
+                f"Content-Length: {len(body)}",
+                "Connection: close",
+                f"Date: {web.http_date()}",
+                f"X-Request-Id: {rid}",
+            ]
+            origin = headers.get("Origin")
+            cors = getattr(self.context, "chatd_cors", ())
+            if origin and web.origin_allowed(origin, cors) and "\r" not in origin:
+                out.append(f"Access-Control-Allow-Origin: {origin}")
+                out.append("Access-Control-Allow-Credentials: true")
+            data = ("\r\n".join(out) + "\r\n\r\n").encode("latin1", "replace") + body
+            try:
+                await self.stream.write(data)
+            except iostream.StreamClosedError:
+                pass
+            web.access_log(
+                line.method if line else "-",
+                line.path.partition("?")[0][:200] if line else "-",
+                exc.status,
+                rid,
+            )
+        await self._linger()
+
+    async def _linger(self) -> None:
+        """Close after an answer while the client may still be sending: shut
+        the write side, drop what arrives for a moment, then close (a close
+        with unread data would reset the connection, answer and all)."""
+        stream = self.stream
+        if stream is None or stream.closed():
+            return
+        self._clear_callbacks()
+        try:
+            stream.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            stream.close()
+            return
+        deadline = stream.io_loop.time() + LINGER_SECONDS
+        dropped = 0
+        try:
+            while dropped < LINGER_BYTES:
+                chunk = await gen.with_timeout(
+                    deadline,
+                    stream.read_bytes(65536, partial=True),
+                    quiet_exceptions=iostream.StreamClosedError,
+                )
+                dropped += len(chunk)
+        except (TimeoutError, iostream.StreamClosedError):
+            pass
+        finally:
+            self.close()
+
+
+class ServerConnection(HTTP1ServerConnection):
+    """Tornado's server connection, serving each request with :class:`Connection`."""
+
+    async def _server_request_loop(self, delegate) -> None:
+        # Tornado 6.6's loop, with chatd's connection class.
+        try:
+            while True:
+                conn = Connection(self.stream, False, self.params, self.context)
+                request_delegate = delegate.start_request(self, conn)
+                try:
+                    ret = await conn.read_response(request_delegate)
+                except (
+                    iostream.StreamClosedError,
+                    iostream.UnsatisfiableReadError,
+                    asyncio.CancelledError,
+                ):
+                    return
+                except Exception:
+                    gen_log.error("Uncaught exception", exc_info=True)
+                    conn.close()
+                    return
+                if not ret:
+                    return
+                await asyncio.sleep(0)
+        finally:
+            delegate.on_close(self)
+
+
+def _too_large_head(head: bytes) -> ApiError:
+    if b"\n" not in head[:MAX_HEAD]:
+        return UriTooLong(f"request line is longer than {MAX_HEAD // 1024} KiB")
+    return HeadersTooLarge(f"request line and headers are larger than {MAX_HEAD // 1024} KiB")
+
+
+def _check_framing(headers: httputil.HTTPHeaders, max_body_size: int) -> None:
+    """How the body is delimited must be unambiguous (RFC 9112, 6.3): else 400.
+    Identical repeated Content-Length values count as one (as in Tornado)."""
+    length = headers.get("Content-Length")
+    if length is not None:
+        values = {v.strip() for v in length.split(",")}
+        if len(values) != 1:
+            raise BadRequest("conflicting Content-Length headers")
+        value = values.pop()
+        if not _DIGITS.fullmatch(value):
+            raise BadRequest("Content-Length must be a non-negative integer")
+        if "Transfer-Encoding" in headers:
+            raise BadRequest("Content-Length and Transfer-Encoding together")
+        if int(value) > max_body_size:
+            raise PayloadTooLarge(f"request body is larger than {web.MAX_BODY} bytes")
+        headers["Content-Length"] = value
+    te = headers.get("Transfer-Encoding")
+    if te is not None and te.lower() != "chunked":
+        raise BadRequest("Transfer-Encoding must be chunked")
+
+
+def _body_error(exc: httputil.HTTPInputError) -> ApiError:
+    if "too large" in str(exc) or "too long" in str(exc):
+        return PayloadTooLarge(f"request body is larger than {web.MAX_BODY} bytes")
+    return BadRequest(f"malformed request body: {exc}")
+
+
+def _done() -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
