@@ -17,8 +17,16 @@ processes:
 * they get the kernel's parent-death signal (``PR_SET_PDEATHSIG``), so even a
   chatd killed with SIGKILL leaves no orphan postgres behind.
 
+One chatd owns a data folder: :func:`lock_data_dir` takes an exclusive
+``flock`` on ``chatd.lock`` (which holds the owner's pid) before anything
+else, and holds it for chatd's life; a second chatd on the same folder is
+refused with one line before it starts a server or binds a port. (Two on one
+folder would share one PostgreSQL by accident, run two redis-servers on one
+socket path, and the second's exit would remove the first's socket.)
+
 Layout of ``CHATD_DATA_DIR``::
 
+    chatd.lock            the owner's pid; flock()ed while it runs
     access_token_secret   0600, created when ACCESS_TOKEN_SECRET is not set
     postgres/             PGDATA (and its socket), owned by the server user
     postgres.log
@@ -39,6 +47,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -64,6 +74,7 @@ log = logging.getLogger("chatd.embedded")
 
 DATABASE = "chatd"
 SECRET_FILE = "access_token_secret"
+LOCK_FILE = "chatd.lock"
 PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): no TCP is opened
 # sun_path is 108 bytes on Linux; longer socket paths move to a short folder.
 MAX_SOCKET_PATH = 100
@@ -72,6 +83,40 @@ START_TIMEOUT = 60.0
 
 class EmbeddedError(Exception):
     """The embedded servers cannot be set up or started; one line saying why."""
+
+
+class DataDirInUse(EmbeddedError):
+    """Another chatd holds the data folder's lock."""
+
+
+def lock_data_dir(root: Path) -> int:
+    """Take the data folder for this process: an exclusive ``flock`` on
+    ``root/chatd.lock``, held as long as the returned descriptor stays open
+    (the kernel drops it when chatd exits, however it exits: no stale lock).
+    The file holds the owner's pid, for the refusal's message.
+
+    Raises DataDirInUse, naming the folder and the owner's pid, when another
+    process holds it; nothing else is touched then."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        try:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise DataDirInUse(
+            f"the data folder {root} is in use by another chatd (pid {owner}): stop that "
+            "one first, or give this one its own folder with CHATD_DATA_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def default_data_dir() -> Path:
@@ -266,6 +311,18 @@ def _private_dir(path: Path, owner: pwd.struct_passwd | None = None) -> None:
         raise EmbeddedError(f"{path} must be a folder of uid {uid} with mode 0700")
 
 
+def _running(proc: subprocess.Popen, parent: int) -> bool:
+    """Whether a server process still runs. From a forked worker (not its
+    parent) waitpid() cannot be used: it would report the server gone."""
+    if os.getpid() == parent:
+        return proc.poll() is None
+    try:
+        os.kill(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -293,6 +350,7 @@ class EmbeddedServers:
         self.postgres: subprocess.Popen | None = None
         self.redis: subprocess.Popen | None = None
         self._logs: list = []
+        self._parent = os.getpid()  # the process whose children the servers are
 
     @property
     def database_url(self) -> str:
@@ -311,6 +369,7 @@ class EmbeddedServers:
         """Blocking (initdb takes seconds): call before the event loop runs, or in a
         thread. Starts both, creates the database, applies the migrations."""
         started = time.monotonic()
+        self._parent = os.getpid()
         self._initialised = False
         applied: list[str] = []
         try:
@@ -481,6 +540,23 @@ class EmbeddedServers:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    # -- health ---------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """The embedded servers that are not serving: the child process has
+        exited, or its socket file is gone (a connection pool would keep
+        answering over a connection it opened before; new ones would fail)."""
+        out = []
+        checks = (
+            ("postgres", self.with_postgres, self.postgres,
+             self.layout.pg_socket_dir / f".s.PGSQL.{PG_PORT}"),
+            ("redis", self.with_redis, self.redis, self.layout.redis_socket),
+        )  # fmt: skip
+        for name, wanted, proc, sock in checks:
+            if wanted and (proc is None or not _running(proc, self._parent) or not sock.exists()):
+                out.append(name)
+        return out
 
     # -- stop -----------------------------------------------------------------------
 

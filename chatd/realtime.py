@@ -573,7 +573,7 @@ _ENVIRON_KEEP = frozenset(
 
 
 def _error_ack(exc: ApiError) -> dict:
-    error = {"code": exc.code, "message": exc.message}
+    error = {"code": exc.code, "message": exc.public_message}
     if isinstance(exc, RateLimited):
         error["retry_after"] = exc.retry_after  # seconds, as HTTP's Retry-After
     return {"ok": False, "error": error}

@@ -1,0 +1,287 @@
+"""Issue 12, "the first hour": what a newcomer meets at start-up works as the
+README says. One data folder has one owner; /readyz tells the truth about the
+embedded stores; start-up problems are one line, exit 2; --help starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chatd.errors import Unavailable
+
+from .conftest import chatd_env
+from .helpers import ChatdProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EMBEDDED_ENV = {
+    "DATABASE_URL": None,
+    "DB_HOST": None,
+    "REDIS_URL": None,
+    "REDIS_HOST": None,
+    "ACCESS_TOKEN_SECRET": None,
+    "CHATPORT": "0",
+    "CHATD_HOST": "127.0.0.1",
+}
+
+
+@pytest.fixture
+def data_dir():
+    # Not under pytest's tmp_path: as root, the embedded PostgreSQL runs as the
+    # user chatd, which cannot enter /tmp/pytest-of-root (0700).
+    folder = Path(tempfile.mkdtemp(prefix="chatd-test-data-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _env(**overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+    for name in ("DATABASE_URL", "ACCESS_TOKEN_SECRET", "CHATD_ENV_FILE"):
+        env.pop(name, None)
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    return env
+
+
+def _chatd(env: dict, timeout: float = 60, args=()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),  # not the checkout: no developer .env
+    )
+
+
+class _Resp:
+    def __init__(self, status: int, text: str):
+        self.status, self.text = status, text
+
+    @property
+    def json(self):
+        return json.loads(self.text)
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.text[:300]}>"
+
+
+def _get(base: str, path: str, auth: str | None = None) -> _Resp:
+    req = urllib.request.Request(base + path, headers={"Authorization": auth} if auth else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return _Resp(resp.status, resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        return _Resp(exc.code, exc.read().decode())
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _servers(proc: ChatdProcess) -> dict[str, psutil.Process]:
+    out = {}
+    for child in psutil.Process(proc.proc.pid).children():
+        try:
+            out[child.name()] = child
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_a_second_chatd_on_the_same_data_folder_is_refused_and_changes_nothing(
+    data_dir, unused_port
+):
+    first = ChatdProcess.start({**EMBEDDED_ENV, "CHATD_DATA_DIR": str(data_dir)}, timeout=90)
+    try:
+        sock = data_dir / "redis" / "redis.sock"
+        before = sock.stat().st_ino
+        servers = _servers(first)
+        assert {"postgres", "redis-server"} <= set(servers), servers
+
+        second = _chatd(
+            _env(CHATD_DATA_DIR=str(data_dir), CHATPORT=str(unused_port), CHATD_HOST="127.0.0.1")
+        )
+        assert second.returncode == 2, second
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert str(data_dir) in lines[0] and f"pid {first.proc.pid}" in lines[0], lines
+        assert "Traceback" not in second.stderr + second.stdout
+
+        # Nothing changed: same Redis socket (not replaced, not removed), the
+        # same servers, no port taken, and the first one still fully works.
+        assert sock.stat().st_ino == before
+        assert _servers(first).keys() == servers.keys()
+        assert all(p.is_running() for p in servers.values())
+        assert not _listening(unused_port)
+        assert "redis.log" in os.listdir(data_dir)
+        # the second wrote nothing to the servers' logs (it started no server)
+        assert "Address already in use" not in (data_dir / "redis.log").read_text()
+        resp = _get(first.url, "/readyz")
+        assert resp.status == 200, resp
+    finally:
+        first.stop()
+    # Once the owner has stopped, the folder is free again.
+    assert first.proc.returncode == 0
+    again = ChatdProcess.start({**EMBEDDED_ENV, "CHATD_DATA_DIR": str(data_dir)}, timeout=90)
+    again.stop()
+    assert again.proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_readyz_tells_the_truth_about_the_embedded_stores_without_paths(data_dir):
+    proc = ChatdProcess.start({**EMBEDDED_ENV, "CHATD_DATA_DIR": str(data_dir)}, timeout=90)
+    try:
+        assert _get(proc.url, "/readyz").status == 200
+        token = _token(data_dir)
+        assert _get(proc.url, "/chats", auth=f"Bearer {token}").status == 200
+
+        # Redis's socket file goes (what a second chatd's exit did to the
+        # first's): a ping over the pool's open connection still answers, but
+        # no new connection can be made, so chatd is not ready.
+        servers = _servers(proc)
+        (data_dir / "redis" / "redis.sock").unlink()
+        resp = _get(proc.url, "/readyz")
+        assert resp.status == 503, resp
+        assert resp.json["error"] == {"code": "unavailable", "message": "unavailable: redis"}
+        servers["redis-server"].kill()  # and its process: still 503
+        resp = _until_503(proc.url)
+        assert resp.status == 503, resp
+
+        # PostgreSQL stops: /readyz says so, and a request that needs it gets a
+        # 503 whose message carries no path of the server's disk.
+        servers["postgres"].send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while "postgres" not in resp.json["error"]["message"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            resp = _until_503(proc.url)
+        assert "postgres" in resp.json["error"]["message"], resp.json
+        # Until PostgreSQL is gone its answer is "shutting down"; after, the
+        # driver's error quotes the socket's path, which the client must not see.
+        messages = set()
+        deadline = time.monotonic() + 20
+        while not any("socket" in m for m in messages) and time.monotonic() < deadline:
+            resp = _get(proc.url, "/chats", auth=f"Bearer {token}")
+            assert resp.status == 503, resp
+            messages.add(resp.json["error"]["message"])
+            time.sleep(0.1)
+        assert any("socket" in m for m in messages), messages
+        assert not [m for m in messages if "/" in m or "PGSQL" in m], messages
+    finally:
+        proc.stop()
+
+
+def _until_503(base: str) -> _Resp:
+    """Its children are chatd's to reap: /readyz is asked until it sees them go."""
+    deadline = time.monotonic() + 15
+    resp = _get(base, "/readyz")
+    while resp.status != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        resp = _get(base, "/readyz")
+    return resp
+
+
+def _token(data_dir: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "cli.main", "token", "alice"],
+        env=_env(CHATD_DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=str(ROOT),
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_store_errors_reach_clients_without_file_paths():
+    exc = Unavailable(
+        "PostgreSQL is unavailable: connection to server on socket "
+        '"/var/lib/chatd/postgres/.s.PGSQL.5432" failed: No such file or directory'
+    )
+    body = exc.body()["error"]["message"]
+    assert "/var/lib" not in body and "PGSQL" not in body, body
+    assert body.startswith("PostgreSQL is unavailable: connection to server on socket")
+    redis = Unavailable("Error 2 connecting to unix socket: /tmp/x/redis.sock. No such file.")
+    assert "/tmp" not in redis.body()["error"]["message"]
+    assert "/tmp/x/redis.sock" in redis.message  # logs and chatctl keep the detail
+
+
+def test_a_busy_port_is_one_line_naming_it_exit_2(database_url, redis_prefix):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = _env(**{**chatd_env(database_url, redis_prefix), "CHATPORT": str(port)})
+        out = _chatd(env)
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("chatd:")]
+    assert len(errors) == 1 and str(port) in errors[0], out.stderr
+    assert "listening on" not in out.stderr
+
+
+def test_a_busy_port_on_the_embedded_default_starts_no_server(data_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        out = _chatd(_env(CHATD_DATA_DIR=str(data_dir), CHATPORT=str(port), CHATD_HOST="127.0.0.1"))
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == [
+        f"chatd: cannot listen on 127.0.0.1:{port}: something else listens there "
+        "(another chatd?): stop it or set CHATPORT"
+    ]
+    assert not (data_dir / "postgres").exists()  # no initdb, no server started
+    assert time.monotonic() - started < 20
+
+
+def test_chatd_help_prints_usage_and_starts_nothing(data_dir):
+    out = _chatd(_env(CHATD_DATA_DIR=str(data_dir), CHATPORT="0"), args=["--help"], timeout=30)
+    assert out.returncode == 0, out
+    assert out.stdout.startswith("Usage: chatd")
+    for word in ("CHATPORT", "FRONTENDADDRES", "DATABASE_URL", "CHATD_DATA_DIR", ".env.example"):
+        assert word in out.stdout, word
+    assert out.stderr == ""
+    assert list(data_dir.iterdir()) == []  # nothing created, nothing started
+    bad = _chatd(_env(CHATD_DATA_DIR=str(data_dir)), args=["--port", "1"], timeout=30)
+    assert bad.returncode == 2 and bad.stderr.startswith("chatd: unexpected argument '--port'")
+
+
+def test_env_example_copied_as_is_changes_nothing(tmp_path):
+    """A newcomer copies .env.example to .env to set one thing: as it is, the
+    copy must leave every default alone (the embedded default included)."""
+    from chatd import config
+
+    defaults = config.load({}, use_dotenv=False)
+    copied = config.load({}, env_file=ROOT / ".env.example")
+    assert copied.database_url is None and copied.redis_url is None  # embedded default
+    assert copied.access_token_secret == ""  # generated in the data folder, not "change-me"
+    assert copied == defaults
+    # Every setting is still listed (commented out, with its default or an example).
+    text = (ROOT / ".env.example").read_text()
+    for name in ("DATABASE_URL", "REDIS_URL", "DB_HOST", "FRONTENDADDRES", "CHATD_DATA_DIR"):
+        assert f"\n#{name}=" in text, name
+    # Uncommenting one line changes that setting only.
+    one = tmp_path / ".env"
+    one.write_text(text.replace("#FRONTENDADDRES=", "FRONTENDADDRES="))
+    changed = config.load({}, env_file=one)
+    assert changed.cors_origins == ("http://localhost:3000",)
+    assert changed.database_url is None
