@@ -97,9 +97,14 @@ def lock_data_dir(root: Path) -> int:
 
     Raises DataDirInUse, naming the folder and the owner's pid, when another
     process holds it; nothing else is touched then."""
-    root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise config.ConfigError(
+            f"CHATD_DATA_DIR {root} cannot be used: {exc.strerror or exc}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -181,7 +186,7 @@ class Layout:
 def read_secret(layout: Layout) -> str | None:
     try:
         return layout.secret_file.read_text().strip() or None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -223,6 +228,25 @@ def resolve(settings: config.Settings, create: bool = False) -> tuple[config.Set
         ),
         created,
     )
+
+
+def data_dir_owner(root: Path) -> int | str | None:
+    """The pid of the chatd that holds ``root``'s lock (the file's content), or
+    None when no chatd runs on it. Probes with a lock it releases at once."""
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else (text or "unknown")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # -- processes ----------------------------------------------------------------------

@@ -285,3 +285,70 @@ def test_env_example_copied_as_is_changes_nothing(tmp_path):
     changed = config.load({}, env_file=one)
     assert changed.cors_origins == ("http://localhost:3000",)
     assert changed.database_url is None
+
+
+def _check(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
+
+
+def _check_lines(out: subprocess.CompletedProcess) -> dict[str, str]:
+    return {line.split()[1]: line.split()[0] for line in out.stdout.splitlines()}
+
+
+@pytest.mark.slow
+def test_readme_chatctl_check_and_chatd_work_on_the_embedded_default(data_dir, unused_port):
+    """README: `chatctl check && chatd`. Before chatd runs, check passes on what
+    can be checked; the chatd it lets start then works; with chatd running,
+    check looks at the live stores."""
+    env = _env(CHATD_DATA_DIR=str(data_dir), CHATPORT=str(unused_port), CHATD_HOST="127.0.0.1")
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["sh", "-c", f"{sys.executable} -m cli.main check && exec {sys.executable} -m chatd"],
+            env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while "listening on" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        text = log_path.read_text()
+        offline = {line.split()[1]: line.split()[0] for line in text.splitlines()[:6]}
+        assert offline == dict.fromkeys(
+            ("config", "data", "binaries", "secret", "port", "schema"), "ok"
+        ), text
+        live = _check(env)
+        assert live.returncode == 0, live.stdout + live.stderr
+        assert _check_lines(live) == dict.fromkeys(("config", "postgres", "redis", "schema"), "ok")
+        assert f"pid {proc.pid}" in live.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log_path.unlink(missing_ok=True)
+    assert proc.returncode == 0
+
+
+def test_chatctl_check_on_the_embedded_default_fails_when_chatd_could_not_start(data_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _check(_env(CHATD_DATA_DIR=str(data_dir), CHATPORT=str(port), CHATD_HOST="127.0.0.1"))
+    assert out.returncode == 1
+    lines = _check_lines(out)
+    assert lines["port"] == "FAIL" and lines["data"] == "ok", out.stdout
+    assert str(port) in out.stdout
+    # A data folder that cannot be made (its parent is a file).
+    blocker = data_dir / "file"
+    blocker.write_text("")
+    out = _check(_env(CHATD_DATA_DIR=str(blocker / "chatd"), CHATPORT="0"))
+    assert out.returncode == 1
+    assert _check_lines(out)["data"] == "FAIL", out.stdout
+    assert list(data_dir.iterdir()) == [blocker]  # check wrote nothing
