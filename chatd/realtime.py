@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import socketio
@@ -192,6 +192,37 @@ def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketi
         logger=False,
         engineio_logger=False,
     )
+
+
+class OriginGuard:
+    """The Origin check of every Socket.IO request (polling and websocket),
+    made before engine.io or Tornado see it, so that a refused browser gets
+    API.md's JSON 403 (Tornado's own refusal is an HTML page, engine.io's a
+    400 logged as an ERROR). Allowed: no Origin (native clients), an origin in
+    FRONTENDADDRES, any with ``*``, and the same origin when FRONTENDADDRES is
+    empty. Each refused origin is logged once, naming FRONTENDADDRES."""
+
+    MAX_LOGGED = 1000  # distinct origins remembered (a flood logs no more)
+
+    def __init__(self, allowed: tuple[str, ...]):
+        self.allowed = allowed
+        self._logged: set[str] = set()
+
+    def refusal(self, origin: str | None, host: str | None) -> Forbidden | None:
+        allowed = self.allowed
+        if not origin or "*" in allowed or origin in allowed:
+            return None
+        if not allowed and urlsplit(origin).netloc.lower() == (host or "").lower():
+            return None
+        if origin not in self._logged and len(self._logged) < self.MAX_LOGGED:
+            self._logged.add(origin)
+            log.warning(
+                "socket refused: origin %s is not in FRONTENDADDRES (%s): add it there to let "
+                "that frontend connect (logged once per origin)",
+                origin, ", ".join(allowed) or "empty: no cross-origin browser",
+                extra={"event": "socket_refused", "origin": origin},
+            )  # fmt: skip
+        return Forbidden(f"origin {origin} is not allowed to connect")
 
 
 # -- the client managers ---------------------------------------------------------
@@ -661,9 +692,11 @@ class ChatNamespace(socketio.AsyncNamespace):
         rid = request_id_from(environ.get("HTTP_X_REQUEST_ID")) or sid
         try:
             user_id = self.verifier.verify(token)
-        except Unauthorized:
-            log.info("socket refused sid=%s rid=%s", sid, rid,
-                     extra={"event": "socket_refused", "sid": sid, "request_id": rid})  # fmt: skip
+        except Unauthorized as exc:
+            reason = exc.message if token else "no token in the handshake"
+            log.info("socket refused sid=%s rid=%s reason=%s", sid, rid, reason,
+                     extra={"event": "socket_refused", "sid": sid, "request_id": rid,
+                            "reason": reason})  # fmt: skip
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         self.users[sid] = user_id
         self.request_ids[sid] = rid

@@ -238,8 +238,20 @@ class Chatd:
     def _socket_handler(self) -> type:
         compression = self.settings.ws_compression
         base = socketio.get_tornado_handler(self.sio)
+        guard = realtime.OriginGuard(self.settings.cors_origins)
 
         class SocketHandler(base):
+            def prepare(self):
+                # A browser on an origin FRONTENDADDRES does not allow: JSON 403
+                # before the websocket handshake or engine.io see the request.
+                refusal = guard.refusal(self.request.headers.get("Origin"), self.request.host)
+                if refusal is not None:
+                    self.set_status(refusal.status)
+                    self.set_header("Content-Type", web.JSON_TYPE)
+                    self.finish(orjson.dumps(refusal.body()))
+                    return None
+                return super().prepare()
+
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 # engine.io's handler keeps an asyncio.Queue per connection for

@@ -37,6 +37,8 @@ log = logging.getLogger("chatd.web")
 # API.md: any request body over 64 KiB is 413, checked before anything else.
 MAX_BODY = 64 * 1024
 JSON_TYPE = "application/json; charset=utf-8"
+# Response headers browser code may read on a cross-origin answer.
+EXPOSED_HEADERS = "X-Request-Id, Retry-After"
 
 
 @dataclass
@@ -173,6 +175,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if _origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
             self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")
+            # On every answer, not only preflights: that is where browser code
+            # reads them (X-Request-Id for a bug report, Retry-After on a 429).
+            self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if ctx.cors_origins:
             self.set_header("Vary", "Origin")
 
@@ -230,7 +235,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header(
                 "Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"
             )
-            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")
             self.set_header("Access-Control-Max-Age", "600")
         self.set_status(204)
         self.clear_header("Content-Type")

@@ -6,6 +6,7 @@ embedded stores; start-up problems are one line, exit 2; --help starts nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -352,3 +353,129 @@ def test_chatctl_check_on_the_embedded_default_fails_when_chatd_could_not_start(
     assert out.returncode == 1
     assert _check_lines(out)["data"] == "FAIL", out.stdout
     assert list(data_dir.iterdir()) == [blocker]  # check wrote nothing
+
+
+# -- CORS (item 5) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def cors_daemon(io_loop, settings):
+    import dataclasses
+
+    from chatd.server import Chatd
+
+    daemon = Chatd(dataclasses.replace(settings, cors_origins=("https://app.example",)))
+    io_loop.run_sync(daemon.start)
+    yield daemon
+    io_loop.run_sync(daemon.stop)
+
+
+async def _ws_upgrade(port: int, origin: str):
+    from tornado.httpclient import AsyncHTTPClient
+
+    return await AsyncHTTPClient().fetch(
+        f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket",
+        headers={"Origin": origin, "Upgrade": "websocket", "Connection": "Upgrade",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"},
+        raise_error=False,
+    )  # fmt: skip
+
+
+@pytest.mark.gen_test
+async def test_browser_code_can_read_request_id_and_retry_after_on_real_answers(cors_daemon):
+    from .helpers import Api
+
+    api = Api(f"http://127.0.0.1:{cors_daemon.port}")
+    for user in ("alice", None):  # a 200 and a 401
+        resp = await api.get("/chats", user=user, headers={"Origin": "https://app.example"})
+        exposed = {h.strip() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"X-Request-Id", "Retry-After"} <= exposed, resp.headers
+    other = await api.get("/chats", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Expose-Headers" not in other.headers
+
+
+@pytest.mark.gen_test
+async def test_refused_websocket_origin_is_json_403_logged_once_with_a_hint(cors_daemon, caplog):
+    caplog.set_level(logging.INFO, logger="chatd.realtime")
+    for _ in range(3):
+        resp = await _ws_upgrade(cors_daemon.port, "https://evil.example")
+        assert resp.code == 403, resp
+        assert resp.headers["Content-Type"].startswith("application/json")
+        body = json.loads(resp.body)
+        assert body["error"]["code"] == "forbidden", body
+        assert "evil.example" in body["error"]["message"]
+    await _ws_upgrade(cors_daemon.port, "http://other.example")
+    hints = [r.getMessage() for r in caplog.records if "FRONTENDADDRES" in r.getMessage()]
+    assert len(hints) == 2, hints  # once per origin
+    assert "https://evil.example" in hints[0] and "https://app.example" in hints[0]
+    assert "ERROR" not in {r.levelname for r in caplog.records}
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    conn = await websocket_connect(HTTPRequest(
+        f"ws://127.0.0.1:{cors_daemon.port}/socket.io/?EIO=4&transport=websocket",
+        headers={"Origin": "https://app.example"},
+    ))  # fmt: skip
+    try:
+        assert (await conn.read_message()).startswith("0{")  # engine.io's open packet
+    finally:
+        conn.close()
+
+
+@pytest.mark.gen_test
+async def test_without_frontendaddres_foreign_sockets_get_json_403_same_origin_is_fine(chatd):
+    resp = await _ws_upgrade(chatd.port, "http://localhost:3000")
+    assert resp.code == 403 and json.loads(resp.body)["error"]["code"] == "forbidden"
+    from .helpers import Api
+
+    api = Api(f"http://127.0.0.1:{chatd.port}")
+    same = f"http://127.0.0.1:{chatd.port}"
+    polling = "/socket.io/?EIO=4&transport=polling"
+    ok = await api.get(polling, user=None, headers={"Origin": same})
+    assert ok.status == 200, ok
+    foreign = await api.get(polling, user=None, headers={"Origin": "http://localhost:3000"})
+    assert foreign.status == 403 and foreign.error_code == "forbidden"
+
+
+def test_frontendaddres_entries_are_validated():
+    from chatd import config
+
+    def load(value):
+        return config.load({"FRONTENDADDRES": value}, use_dotenv=False).cors_origins
+
+    assert load("http://localhost:3000, https://App.Example:443,*") == (
+        "http://localhost:3000", "https://app.example", "*",
+    )  # fmt: skip
+    assert load("capacitor://localhost, http://[::1]:8000") == (
+        "capacitor://localhost", "http://[::1]:8000",
+    )  # fmt: skip
+    for bad, hint in (("localhost:3000", "http://localhost:3000"),
+                      ("http://app.example/", "http://app.example"),
+                      ("http://app.example/login", ""), ("https://", ""),
+                      ("http://a.example:99999", "")):  # fmt: skip
+        with pytest.raises(config.ConfigError) as info:
+            load(bad)
+        assert "FRONTENDADDRES" in str(info.value) and bad in str(info.value)
+        assert hint in str(info.value)
+
+
+def test_a_malformed_frontendaddres_stops_chatd_with_one_line(database_url, redis_prefix):
+    env = _env(**{**chatd_env(database_url, redis_prefix), "FRONTENDADDRES": "localhost:3000"})
+    out = _chatd(env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "chatd: FRONTENDADDRES entry 'localhost:3000' is not an origin: each must be "
+        "scheme://host[:port] as a browser sends it, or * (with its scheme: "
+        "http://localhost:3000?)"
+    ]
+
+
+@pytest.mark.slow
+def test_start_up_says_which_origins_are_allowed(spawn):
+    proc = spawn(FRONTENDADDRES="https://app.example,http://localhost:3000")
+    assert (
+        "cross-origin browsers allowed (FRONTENDADDRES): https://app.example, "
+        "http://localhost:3000" in proc.log()
+    )
+    bare = spawn()
+    assert "cross-origin browsers: none allowed (FRONTENDADDRES is empty" in bare.log()

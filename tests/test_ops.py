@@ -251,7 +251,8 @@ async def test_socketio_polling_handshake_honours_frontendaddres(cors_chatd):
     assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert ok.body.startswith(b"0{")  # the engine.io open packet
     foreign = await api.get(path, user=None, headers={"Origin": "https://evil.example"})
-    assert foreign.status == 400
+    assert foreign.status == 403, foreign  # API.md: JSON, forbidden
+    assert foreign.error_code == "forbidden"
     assert "Access-Control-Allow-Origin" not in foreign.headers
 
 
