@@ -39,11 +39,14 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# scripts/test.sh installs a superset (.[test]); either stamp will do.
-fresh() { [ -f "$1" ] && [ ! setup.cfg -nt "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
-if ! fresh .venv/.chatd-run-installed && ! fresh .venv/.chatd-installed; then
+# The tested versions of every dependency, checked against their hashes
+# (requirements.lock, shared with scripts/test.sh: one stamp), then chatd itself.
+stamp=.venv/.chatd-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+   || [ requirements.lock -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e .
-  touch .venv/.chatd-run-installed
+  .venv/bin/python -m pip install -q --require-hashes -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  touch "$stamp"
 fi
 exec .venv/bin/chatd "$@"
