@@ -179,6 +179,33 @@ class ChatServer(socketio.AsyncServer):
                     log.exception("after-ack hook failed")
 
 
+class _ClientFaults(logging.Filter):
+    """Drops what engine.io logs about a client's bad request (``curl
+    /socket.io/``, an unknown session or transport: ERROR the first time), a
+    method it does not take, or a handshake chatd refused: the access line
+    already shows the 4xx, and chatd logs refused sockets with their reason.
+    Tracebacks (handler errors) and everything else pass."""
+
+    _WARNINGS = ("Method %s not supported", "Application rejected connection")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return True
+        return record.funcName != "_log_error_once" and record.msg not in self._WARNINGS
+
+
+def _library_logger(name: str) -> logging.Logger:
+    """A logger for python-socketio or engine.io. Given ``False`` they use
+    their own logger and add a StreamHandler to it (a second, unformatted copy
+    of each line, and one more handler per server made); given a logger they
+    use it as it is: warnings and errors, through chatd's handlers."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.WARNING)  # their INFO is per-packet traffic
+    if not any(isinstance(f, _ClientFaults) for f in logger.filters):
+        logger.addFilter(_ClientFaults())
+    return logger
+
+
 def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketio.AsyncServer:
     return ChatServer(
         async_mode="tornado",
@@ -189,8 +216,8 @@ def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketi
         cors_credentials=True,
         json=OrjsonPackets,
         max_http_buffer_size=MAX_PACKET,
-        logger=False,
-        engineio_logger=False,
+        logger=_library_logger("chatd.socketio"),
+        engineio_logger=_library_logger("chatd.engineio"),
     )
 
 

@@ -523,11 +523,16 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     ctx = getattr(handler, "ctx", None) or handler.settings.get("chatd_ctx")
     if ctx is not None and ctx.metrics is not None:
         ctx.metrics.observe(route, request.method, status, seconds)
-    if not _access.isEnabledFor(logging.INFO):
+    # Socket.IO's own requests (the handshake, each long poll, the upgrade)
+    # are 4-6 per connection: at debug level, as chatd logs one connect and
+    # one disconnect line per socket. Its refusals (4xx, 5xx) stay visible.
+    level = logging.DEBUG if route == "/socket.io/" and status < 400 else logging.INFO
+    if not _access.isEnabledFor(level):
         return
     rid = request_id_of(request)
     ms = round(1000.0 * seconds, 1)
-    _access.info(
+    _access.log(
+        level,
         "%s %s %d %.1fms rid=%s",
         request.method,
         request.path,

@@ -16,4 +16,5 @@ trap 'rm -rf "$tool"' EXIT
 "$tool/bin/python" -m pip install -q uv
 "$tool/bin/uv" pip compile setup.cfg --extra test --universal --python-version 3.11 \
   --generate-hashes --no-header --quiet --output-file requirements.lock "$@"
+sed -i '1i # The tested versions of every dependency of chatd and its tests (setup.cfg + [test]).\n# Written by ./scripts/lock.sh; installed by scripts/run.sh and scripts/test.sh.' requirements.lock
 echo "requirements.lock written: $(grep -c '==' requirements.lock) packages pinned"
