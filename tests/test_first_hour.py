@@ -5,9 +5,11 @@ embedded stores; start-up problems are one line, exit 2; --help starts nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -479,3 +481,41 @@ def test_start_up_says_which_origins_are_allowed(spawn):
     )
     bare = spawn()
     assert "cross-origin browsers: none allowed (FRONTENDADDRES is empty" in bare.log()
+
+
+# -- noise (item 8) ----------------------------------------------------------------
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: ")
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_a_socket_a_refusal_and_a_curl_make_one_plain_line_each(spawn):
+    import socketio
+
+    from .helpers import Api, token
+
+    proc = spawn(LOG_LEVEL="info")
+    curl = await Api(proc.url).get("/socket.io/", user=None)  # `curl /socket.io/`
+    assert curl.status == 400
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(proc.url, auth={"token": token("alice")})  # polling, then upgrade
+    await asyncio.sleep(0.3)
+    await sio.disconnect()
+    bad = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await bad.connect(proc.url, auth={"token": "not-a-token"}, wait_timeout=5)
+    deadline = time.monotonic() + 10
+    while "socket refused" not in proc.log() or "socket disconnect" not in proc.log():
+        assert time.monotonic() < deadline, proc.log()
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    lines = proc.log().splitlines()
+    assert [line for line in lines if not _LOG_LINE.match(line)] == []  # no unprefixed copies
+    assert [line for line in lines if " ERROR " in line] == []
+    transport = [line for line in lines if "chatd.access" in line and "/socket.io/" in line]
+    assert len(transport) == 1 and " 400 " in transport[0], transport  # only the refusal
+    assert sum("socket connect " in line for line in lines) == 1
+    assert sum("socket disconnect " in line for line in lines) == 1
+    refused = [line for line in lines if "socket refused" in line]
+    assert len(refused) == 1 and "reason=invalid access token" in refused[0], refused
