@@ -233,7 +233,6 @@ class Chatd:
         self.port = sockets[0].getsockname()[1]
         scheme = "https" if s.tls else "http"
         log.info("chatd listening on %s://%s:%d", scheme, s.host or "0.0.0.0", self.port)
-        log.info("%s", origins_line(s.cors_origins))
 
     def _socket_handler(self) -> type:
         compression = self.settings.ws_compression
@@ -544,6 +543,7 @@ async def serve(
         await daemon.start()
         if hint:
             log.info("%s", hint)
+        log.info("%s", origins_line(settings.cors_origins))
         sdnotify.notify(f"READY=1\nSTATUS=listening on port {daemon.port}")
         tune_gc()
         interval = sdnotify.watchdog_interval()
