@@ -37,7 +37,10 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
 ``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
-(chatd.delivery, exercised by tests/test_realtime_delivery.py).
+(chatd.delivery, exercised by tests/test_realtime_delivery.py). The log
+filter :class:`_ClientFaults` recognises engine.io's client-error lines by
+the name of the internal method that logs them, ``_log_error_once``
+(exercised by tests/test_first_hour.py, the "plain line" test).
 """
 
 from __future__ import annotations
