@@ -75,6 +75,7 @@ log = logging.getLogger("chatd.embedded")
 DATABASE = "chatd"
 SECRET_FILE = "access_token_secret"
 LOCK_FILE = "chatd.lock"
+LOCK_PATIENCE = 0.5  # seconds a busy lock is retried before giving up
 PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): no TCP is opened
 # sun_path is 108 bytes on Linux; longer socket paths move to a short folder.
 MAX_SOCKET_PATH = 100
@@ -105,20 +106,28 @@ def lock_data_dir(root: Path) -> int:
         raise config.ConfigError(
             f"CHATD_DATA_DIR {root} cannot be used: {exc.strerror or exc}"
         ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            raise
+    # A moment's patience: `chatctl check` probes the lock for an instant
+    # (data_dir_owner), which must not make a chatd started right then give up.
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
         try:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        raise DataDirInUse(
-            f"the data folder {root} is in use by another chatd (pid {owner}): stop that "
-            "one first, or give this one its own folder with CHATD_DATA_DIR"
-        ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise DataDirInUse(
+                f"the data folder {root} is in use by another chatd (pid {owner}): stop that "
+                "one first, or give this one its own folder with CHATD_DATA_DIR"
+            ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -347,6 +356,56 @@ def _running(proc: subprocess.Popen, parent: int) -> bool:
     return True
 
 
+PREDECESSOR_TIMEOUT = 30.0
+
+
+def _await_predecessor(pid_file: Path, name: str) -> None:
+    """Wait for the server a previous chatd on this folder left behind.
+
+    A chatd killed outright (SIGKILL) takes its servers with it through the
+    parent-death signal, but they take a moment to stop: a PostgreSQL still
+    shutting down would answer the new chatd's first connection (which would
+    then take it for its own), and a Redis that exits after the new one has
+    bound the socket path removes the new one's socket. We hold the folder's
+    lock, so a live server named by its pid file is such a leftover: wait for
+    it to go (it is already stopping), up to PREDECESSOR_TIMEOUT."""
+    try:
+        text = pid_file.read_text().split()
+        pid = int(text[0]) if text else 0
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + PREDECESSOR_TIMEOUT
+    logged = False
+    while pid > 0 and _is_process(pid, name):
+        if time.monotonic() > deadline:
+            raise EmbeddedError(
+                f"a {name} (pid {pid}) still runs on this data folder after "
+                f"{PREDECESSOR_TIMEOUT:.0f}s: stop it, then start chatd again"
+            )
+        if not logged:
+            log.info("waiting for the previous %s (pid %d) to stop", name, pid)
+            logged = True
+        time.sleep(0.05)
+
+
+def _is_process(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs and is a ``name`` (Linux: its comm; elsewhere, alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's (the server user's, as root): it exists
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return not Path("/proc/self").exists()  # no /proc: trust the pid
+    # "pid (comm) state ...": a zombie has exited (its socket and files are gone).
+    comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
+    state = stat_line[stat_line.rfind(")") + 2 : stat_line.rfind(")") + 3]
+    return comm.startswith(name[:15]) and state not in ("Z", "X")
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -487,6 +546,7 @@ class EmbeddedServers:
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
             argv += ["-c", "full_page_writes=off"]
         # SIGINT is PostgreSQL's fast shutdown: what it gets if chatd dies.
+        _await_predecessor(pgdata / "postmaster.pid", "postgres")
         self.postgres = self._spawn(argv, "postgres.log", user, signal.SIGINT)
         self._wait_postgres()
 
@@ -542,7 +602,9 @@ class EmbeddedServers:
             "--appendonly", "no",
             "--daemonize", "no",
             "--loglevel", "warning",
+            "--pidfile", str(rdir / "redis.pid"),  # for the next start: see _await_predecessor
         ]  # fmt: skip
+        _await_predecessor(rdir / "redis.pid", "redis-server")
         self.redis = self._spawn(argv, "redis.log", None, signal.SIGTERM)
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1)

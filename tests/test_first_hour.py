@@ -519,3 +519,73 @@ async def test_a_socket_a_refusal_and_a_curl_make_one_plain_line_each(spawn):
     assert sum("socket disconnect " in line for line in lines) == 1
     refused = [line for line in lines if "socket refused" in line]
     assert len(refused) == 1 and "reason=invalid access token" in refused[0], refused
+
+
+def test_a_leftover_redis_of_the_folder_is_waited_for_not_raced(data_dir):
+    """The race behind the vanished redis.sock: a Redis left by the folder's
+    previous chatd, still stopping when the next one starts, removes the
+    socket path on exit, after the new Redis has bound it. The new start
+    waits for it instead."""
+    import threading
+
+    import redis
+
+    from chatd import embedded
+
+    servers = embedded.EmbeddedServers(data_dir, with_postgres=False, durable=False)
+    sock = servers.layout.redis_socket
+    rdir = data_dir / "redis"
+    rdir.mkdir(mode=0o700)
+    old = subprocess.Popen(
+        [str(embedded.redis_server_bin()), "--port", "0", "--unixsocket", str(sock),
+         "--pidfile", str(rdir / "redis.pid"), "--save", "", "--dir", str(rdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not ((rdir / "redis.pid").exists() and sock.exists()):
+            assert time.monotonic() < deadline and old.poll() is None
+            time.sleep(0.02)
+        threading.Timer(1.0, old.terminate).start()  # the leftover is stopping
+        started = time.monotonic()
+        servers.start()
+        try:
+            assert old.wait(10) == 0
+            time.sleep(0.3)
+            assert time.monotonic() - started >= 0.9  # it waited for the old one
+            assert sock.exists()
+            assert servers.down() == []
+            client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=2)
+            assert client.ping()
+            client.close()
+        finally:
+            servers.stop()
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+
+
+def test_the_lock_outwaits_a_probe_but_not_an_owner(data_dir):
+    """`chatctl check` probes the folder's lock for an instant: a chatd
+    starting right then still gets the folder. A real owner keeps it."""
+    import fcntl
+    import threading
+
+    from chatd import embedded
+
+    (data_dir / embedded.LOCK_FILE).write_text("4242\n")
+    probe = os.open(data_dir / embedded.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.2, os.close, (probe,)).start()  # the probe lets go
+    fd = embedded.lock_data_dir(data_dir)
+    try:
+        assert (data_dir / embedded.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert embedded.data_dir_owner(data_dir) == os.getpid()
+        # Held by an owner (here: another open file description): refused.
+        with pytest.raises(embedded.DataDirInUse) as info:
+            embedded.lock_data_dir(data_dir)
+        assert str(data_dir) in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+    finally:
+        os.close(fd)
+    assert embedded.data_dir_owner(data_dir) is None
