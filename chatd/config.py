@@ -209,6 +209,50 @@ def _redis_url(env: _Env) -> str | None:
     return f"redis://{auth}{host}:{port}/0"
 
 
+_ORIGIN_RE = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def parse_origins(raw: str | None) -> tuple[str, ...]:
+    """FRONTENDADDRES: comma-separated origins, each ``scheme://host[:port]``
+    exactly as a browser sends it in ``Origin`` (no path, no trailing slash),
+    or ``*``. An entry that could never match a browser's Origin is an error
+    rather than a silent refusal of that frontend."""
+    if raw is None:
+        return ()
+    out = []
+    for entry in (p.strip() for p in raw.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            out.append(entry)
+            continue
+        m = _ORIGIN_RE.match(entry)
+        if m is None:
+            hint = ""
+            if "://" not in entry:
+                hint = f" (with its scheme: http://{entry}?)"
+            elif entry.endswith("/"):
+                hint = f" (without the trailing slash: {entry.rstrip('/')}?)"
+            raise ConfigError(
+                f"FRONTENDADDRES entry {entry!r} is not an origin: each must be "
+                f"scheme://host[:port] as a browser sends it, or *{hint}"
+            )
+        scheme, host, port = m.group("scheme").lower(), m.group("host").lower(), m.group("port")
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise ConfigError(f"FRONTENDADDRES entry {entry!r} has a port out of range")
+        if port is None or _DEFAULT_PORTS.get(scheme) == port:
+            origin = f"{scheme}://{host}"  # a browser leaves the default port out
+        else:
+            origin = f"{scheme}://{host}:{port}"
+        if origin not in out:
+            out.append(origin)
+    return tuple(out)
+
+
 def database_name(url: str | None) -> str:
     if not url:
         return "embedded"
@@ -277,7 +321,7 @@ def load(
         redis_url=redis_url,
         port=env.int("CHATPORT", 8080, 0, 65535),
         host=env.get("CHATD_HOST") or "",
-        cors_origins=env.csv("FRONTENDADDRES"),
+        cors_origins=parse_origins(env.get("FRONTENDADDRES")),
         tls_cert_file=tls_cert,
         tls_key_file=tls_key,
         jwt_user_claims=claims,

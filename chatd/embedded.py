@@ -17,8 +17,16 @@ processes:
 * they get the kernel's parent-death signal (``PR_SET_PDEATHSIG``), so even a
   chatd killed with SIGKILL leaves no orphan postgres behind.
 
+One chatd owns a data folder: :func:`lock_data_dir` takes an exclusive
+``flock`` on ``chatd.lock`` (which holds the owner's pid) before anything
+else, and holds it for chatd's life; a second chatd on the same folder is
+refused with one line before it starts a server or binds a port. (Two on one
+folder would share one PostgreSQL by accident, run two redis-servers on one
+socket path, and the second's exit would remove the first's socket.)
+
 Layout of ``CHATD_DATA_DIR``::
 
+    chatd.lock            the owner's pid; flock()ed while it runs
     access_token_secret   0600, created when ACCESS_TOKEN_SECRET is not set
     postgres/             PGDATA (and its socket), owned by the server user
     postgres.log
@@ -39,6 +47,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -64,6 +74,8 @@ log = logging.getLogger("chatd.embedded")
 
 DATABASE = "chatd"
 SECRET_FILE = "access_token_secret"
+LOCK_FILE = "chatd.lock"
+LOCK_PATIENCE = 0.5  # seconds a busy lock is retried before giving up
 PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): no TCP is opened
 # sun_path is 108 bytes on Linux; longer socket paths move to a short folder.
 MAX_SOCKET_PATH = 100
@@ -72,6 +84,53 @@ START_TIMEOUT = 60.0
 
 class EmbeddedError(Exception):
     """The embedded servers cannot be set up or started; one line saying why."""
+
+
+class DataDirInUse(EmbeddedError):
+    """Another chatd holds the data folder's lock."""
+
+
+def lock_data_dir(root: Path) -> int:
+    """Take the data folder for this process: an exclusive ``flock`` on
+    ``root/chatd.lock``, held as long as the returned descriptor stays open
+    (the kernel drops it when chatd exits, however it exits: no stale lock).
+    The file holds the owner's pid, for the refusal's message.
+
+    Raises DataDirInUse, naming the folder and the owner's pid, when another
+    process holds it; nothing else is touched then."""
+    path = root / LOCK_FILE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise config.ConfigError(
+            f"CHATD_DATA_DIR {root} cannot be used: {exc.strerror or exc}"
+        ) from None
+    # A moment's patience: `chatctl check` probes the lock for an instant
+    # (data_dir_owner), which must not make a chatd started right then give up.
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise DataDirInUse(
+                f"the data folder {root} is in use by another chatd (pid {owner}): stop that "
+                "one first, or give this one its own folder with CHATD_DATA_DIR"
+            ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def default_data_dir() -> Path:
@@ -136,7 +195,7 @@ class Layout:
 def read_secret(layout: Layout) -> str | None:
     try:
         return layout.secret_file.read_text().strip() or None
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -178,6 +237,25 @@ def resolve(settings: config.Settings, create: bool = False) -> tuple[config.Set
         ),
         created,
     )
+
+
+def data_dir_owner(root: Path) -> int | str | None:
+    """The pid of the chatd that holds ``root``'s lock (the file's content), or
+    None when no chatd runs on it. Probes with a lock it releases at once."""
+    try:
+        fd = os.open(root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else (text or "unknown")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # -- processes ----------------------------------------------------------------------
@@ -266,6 +344,68 @@ def _private_dir(path: Path, owner: pwd.struct_passwd | None = None) -> None:
         raise EmbeddedError(f"{path} must be a folder of uid {uid} with mode 0700")
 
 
+def _running(proc: subprocess.Popen, parent: int) -> bool:
+    """Whether a server process still runs. From a forked worker (not its
+    parent) waitpid() cannot be used: it would report the server gone."""
+    if os.getpid() == parent:
+        return proc.poll() is None
+    try:
+        os.kill(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+PREDECESSOR_TIMEOUT = 30.0
+
+
+def _await_predecessor(pid_file: Path, name: str) -> None:
+    """Wait for the server a previous chatd on this folder left behind.
+
+    A chatd killed outright (SIGKILL) takes its servers with it through the
+    parent-death signal, but they take a moment to stop: a PostgreSQL still
+    shutting down would answer the new chatd's first connection (which would
+    then take it for its own), and a Redis that exits after the new one has
+    bound the socket path removes the new one's socket. We hold the folder's
+    lock, so a live server named by its pid file is such a leftover: wait for
+    it to go (it is already stopping), up to PREDECESSOR_TIMEOUT."""
+    try:
+        text = pid_file.read_text().split()
+        pid = int(text[0]) if text else 0
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + PREDECESSOR_TIMEOUT
+    logged = False
+    while pid > 0 and _is_process(pid, name):
+        if time.monotonic() > deadline:
+            raise EmbeddedError(
+                f"a {name} (pid {pid}) still runs on this data folder after "
+                f"{PREDECESSOR_TIMEOUT:.0f}s: stop it, then start chatd again"
+            )
+        if not logged:
+            log.info("waiting for the previous %s (pid %d) to stop", name, pid)
+            logged = True
+        time.sleep(0.05)
+
+
+def _is_process(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs and is a ``name`` (Linux: its comm; elsewhere, alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's (the server user's, as root): it exists
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return not Path("/proc/self").exists()  # no /proc: trust the pid
+    # "pid (comm) state ...": a zombie has exited (its socket and files are gone).
+    comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
+    state = stat_line[stat_line.rfind(")") + 2 : stat_line.rfind(")") + 3]
+    return comm.startswith(name[:15]) and state not in ("Z", "X")
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
@@ -293,6 +433,7 @@ class EmbeddedServers:
         self.postgres: subprocess.Popen | None = None
         self.redis: subprocess.Popen | None = None
         self._logs: list = []
+        self._parent = os.getpid()  # the process whose children the servers are
 
     @property
     def database_url(self) -> str:
@@ -311,6 +452,7 @@ class EmbeddedServers:
         """Blocking (initdb takes seconds): call before the event loop runs, or in a
         thread. Starts both, creates the database, applies the migrations."""
         started = time.monotonic()
+        self._parent = os.getpid()
         self._initialised = False
         applied: list[str] = []
         try:
@@ -404,6 +546,7 @@ class EmbeddedServers:
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
             argv += ["-c", "full_page_writes=off"]
         # SIGINT is PostgreSQL's fast shutdown: what it gets if chatd dies.
+        _await_predecessor(pgdata / "postmaster.pid", "postgres")
         self.postgres = self._spawn(argv, "postgres.log", user, signal.SIGINT)
         self._wait_postgres()
 
@@ -459,7 +602,9 @@ class EmbeddedServers:
             "--appendonly", "no",
             "--daemonize", "no",
             "--loglevel", "warning",
+            "--pidfile", str(rdir / "redis.pid"),  # for the next start: see _await_predecessor
         ]  # fmt: skip
+        _await_predecessor(rdir / "redis.pid", "redis-server")
         self.redis = self._spawn(argv, "redis.log", None, signal.SIGTERM)
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1)
@@ -481,6 +626,23 @@ class EmbeddedServers:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    # -- health ---------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """The embedded servers that are not serving: the child process has
+        exited, or its socket file is gone (a connection pool would keep
+        answering over a connection it opened before; new ones would fail)."""
+        out = []
+        checks = (
+            ("postgres", self.with_postgres, self.postgres,
+             self.layout.pg_socket_dir / f".s.PGSQL.{PG_PORT}"),
+            ("redis", self.with_redis, self.redis, self.layout.redis_socket),
+        )  # fmt: skip
+        for name, wanted, proc, sock in checks:
+            if wanted and (proc is None or not _running(proc, self._parent) or not sock.exists()):
+                out.append(name)
+        return out
 
     # -- stop -----------------------------------------------------------------------
 

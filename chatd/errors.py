@@ -20,6 +20,17 @@ answered 500 ``internal`` (and logged with its traceback).
 
 from __future__ import annotations
 
+import re
+
+# A file path in a message (a store's error quotes its socket path, e.g.
+# ``connection to server on socket "/var/lib/chatd/postgres/.s.PGSQL.5432"
+# failed``): what a client is told carries no path of the server's disk.
+_PATH_RE = re.compile(r"(?<![\w:/.~-])/[^\s\"'/]*(?:/[^\s\"']*)*[^\s\"'.,;:)]")
+
+
+def without_paths(message: str) -> str:
+    return _PATH_RE.sub("<path>", message) if "/" in message else message
+
 
 class ApiError(Exception):
     status = 500
@@ -32,8 +43,13 @@ class ApiError(Exception):
             self.code = code
         self.headers = headers or {}
 
+    @property
+    def public_message(self) -> str:
+        """The message as a client sees it (logs and chatctl get ``message``)."""
+        return self.message
+
     def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+        return {"error": {"code": self.code, "message": self.public_message}}
 
 
 class BadRequest(ApiError):
@@ -88,6 +104,11 @@ class RateLimited(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "unavailable"
+
+    @property
+    def public_message(self) -> str:
+        # A store's error quotes its socket or file paths: clients get none.
+        return without_paths(self.message)
 
 
 def chat_not_found() -> NotFound:

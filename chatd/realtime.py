@@ -37,7 +37,10 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
 ``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
-(chatd.delivery, exercised by tests/test_realtime_delivery.py).
+(chatd.delivery, exercised by tests/test_realtime_delivery.py). The log
+filter :class:`_ClientFaults` recognises engine.io's client-error lines by
+the name of the internal method that logs them, ``_log_error_once``
+(exercised by tests/test_first_hour.py, the "plain line" test).
 
 Tornado's HTTP layer is overridden likewise in chatd.httpconn (exercised by
 tests/test_http_edge.py): ``HTTP1Connection._read_message_inner`` (server
@@ -55,7 +58,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import socketio
@@ -184,6 +187,33 @@ class ChatServer(socketio.AsyncServer):
                     log.exception("after-ack hook failed")
 
 
+class _ClientFaults(logging.Filter):
+    """Drops what engine.io logs about a client's bad request (``curl
+    /socket.io/``, an unknown session or transport: ERROR the first time), a
+    method it does not take, or a handshake chatd refused: the access line
+    already shows the 4xx, and chatd logs refused sockets with their reason.
+    Tracebacks (handler errors) and everything else pass."""
+
+    _WARNINGS = ("Method %s not supported", "Application rejected connection")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return True
+        return record.funcName != "_log_error_once" and record.msg not in self._WARNINGS
+
+
+def _library_logger(name: str) -> logging.Logger:
+    """A logger for python-socketio or engine.io. Given ``False`` they use
+    their own logger and add a StreamHandler to it (a second, unformatted copy
+    of each line, and one more handler per server made); given a logger they
+    use it as it is: warnings and errors, through chatd's handlers."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.WARNING)  # their INFO is per-packet traffic
+    if not any(isinstance(f, _ClientFaults) for f in logger.filters):
+        logger.addFilter(_ClientFaults())
+    return logger
+
+
 def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketio.AsyncServer:
     return ChatServer(
         async_mode="tornado",
@@ -194,9 +224,40 @@ def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketi
         cors_credentials=True,
         json=OrjsonPackets,
         max_http_buffer_size=MAX_PACKET,
-        logger=False,
-        engineio_logger=False,
+        logger=_library_logger("chatd.socketio"),
+        engineio_logger=_library_logger("chatd.engineio"),
     )
+
+
+class OriginGuard:
+    """The Origin check of every Socket.IO request (polling and websocket),
+    made before engine.io or Tornado see it, so that a refused browser gets
+    API.md's JSON 403 (Tornado's own refusal is an HTML page, engine.io's a
+    400 logged as an ERROR). Allowed: no Origin (native clients), an origin in
+    FRONTENDADDRES, any with ``*``, and the same origin when FRONTENDADDRES is
+    empty. Each refused origin is logged once, naming FRONTENDADDRES."""
+
+    MAX_LOGGED = 1000  # distinct origins remembered (a flood logs no more)
+
+    def __init__(self, allowed: tuple[str, ...]):
+        self.allowed = allowed
+        self._logged: set[str] = set()
+
+    def refusal(self, origin: str | None, host: str | None) -> Forbidden | None:
+        allowed = self.allowed
+        if not origin or "*" in allowed or origin in allowed:
+            return None
+        if not allowed and urlsplit(origin).netloc.lower() == (host or "").lower():
+            return None
+        if origin not in self._logged and len(self._logged) < self.MAX_LOGGED:
+            self._logged.add(origin)
+            log.warning(
+                "socket refused: origin %s is not in FRONTENDADDRES (%s): add it there to let "
+                "that frontend connect (logged once per origin)",
+                origin, ", ".join(allowed) or "empty: no cross-origin browser",
+                extra={"event": "socket_refused", "origin": origin},
+            )  # fmt: skip
+        return Forbidden(f"origin {origin} is not allowed to connect")
 
 
 # -- the client managers ---------------------------------------------------------
@@ -582,7 +643,7 @@ _ENVIRON_KEEP = frozenset(
 
 
 def _error_ack(exc: ApiError) -> dict:
-    error = {"code": exc.code, "message": exc.message}
+    error = {"code": exc.code, "message": exc.public_message}
     if isinstance(exc, RateLimited):
         error["retry_after"] = exc.retry_after  # seconds, as HTTP's Retry-After
     return {"ok": False, "error": error}
@@ -670,9 +731,11 @@ class ChatNamespace(socketio.AsyncNamespace):
         rid = request_id_from(environ.get("HTTP_X_REQUEST_ID")) or sid
         try:
             user_id = self.verifier.verify(token)
-        except Unauthorized:
-            log.info("socket refused sid=%s rid=%s", sid, rid,
-                     extra={"event": "socket_refused", "sid": sid, "request_id": rid})  # fmt: skip
+        except Unauthorized as exc:
+            reason = exc.message if token else "no token in the handshake"
+            log.info("socket refused sid=%s rid=%s reason=%s", sid, rid, reason,
+                     extra={"event": "socket_refused", "sid": sid, "request_id": rid,
+                            "reason": reason})  # fmt: skip
             raise socketio.exceptions.ConnectionRefusedError("unauthorized") from None
         self.users[sid] = user_id
         self.request_ids[sid] = rid

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import gc
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -142,9 +144,15 @@ def setup_logging(settings: config.Settings) -> None:
 class Chatd:
     """One chatd process: start() binds and serves, stop() drains and closes."""
 
-    def __init__(self, settings: config.Settings, sockets: list | None = None):
+    def __init__(
+        self,
+        settings: config.Settings,
+        sockets: list | None = None,
+        servers: embedded.EmbeddedServers | None = None,
+    ):
         self.settings = settings
-        self._sockets = sockets  # bound already (CHATD_WORKERS): accept on these
+        self._sockets = sockets  # bound already (main, CHATD_WORKERS): accept on these
+        self.servers = servers  # the embedded PostgreSQL/Redis, when chatd runs them
         self.storage: Storage | None = None
         self.redis = None
         self.sio: socketio.AsyncServer | None = None
@@ -241,8 +249,20 @@ class Chatd:
     def _socket_handler(self) -> type:
         compression = self.settings.ws_compression
         base = socketio.get_tornado_handler(self.sio)
+        guard = realtime.OriginGuard(self.settings.cors_origins)
 
         class SocketHandler(base):
+            def prepare(self):
+                # A browser on an origin FRONTENDADDRES does not allow: JSON 403
+                # before the websocket handshake or engine.io see the request.
+                refusal = guard.refusal(self.request.headers.get("Origin"), self.request.host)
+                if refusal is not None:
+                    self.set_status(refusal.status)
+                    self.set_header("Content-Type", web.JSON_TYPE)
+                    self.finish(orjson.dumps(refusal.body()))
+                    return None
+                return super().prepare()
+
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 # engine.io's handler keeps an asyncio.Queue per connection for
@@ -296,17 +316,22 @@ class Chatd:
         return SocketHandler
 
     async def readiness(self) -> list[str]:
-        """The stores that do not answer (empty when ready)."""
-        down = []
+        """The stores that do not answer (empty when ready). The embedded
+        servers are also asked whether their processes and sockets are still
+        there: a pool's open connection can answer after the server's socket
+        file is gone, when no new connection could be made."""
+        down = list(self.servers.down()) if self.servers is not None else []
 
         async def pg():
+            if "postgres" in down:
+                return
             try:
                 await asyncio.wait_for(self.storage.ping(), self.settings.db_timeout)
             except (TimeoutError, Unavailable):
                 down.append("postgres")
 
         async def rd():
-            if self.redis is None:
+            if self.redis is None or "redis" in down:
                 return
             try:
                 # Through the Batcher: bounded by REDIS_TIMEOUT, and at once
@@ -453,9 +478,32 @@ def _nodelay_stays_on(value: bool) -> None:
 
 
 def bind(settings: config.Settings, reuse_port: bool = False) -> list:
-    return tornado.netutil.bind_sockets(
-        settings.port, settings.host or None, family=socket.AF_UNSPEC, reuse_port=reuse_port
-    )
+    """The listening sockets; a port that cannot be had is a ConfigError (one line)."""
+    try:
+        return tornado.netutil.bind_sockets(
+            settings.port, settings.host or None, family=socket.AF_UNSPEC, reuse_port=reuse_port
+        )
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}" if settings.host else f"port {settings.port}"
+        if exc.errno == errno.EADDRINUSE:
+            why = "something else listens there (another chatd?): stop it or set CHATPORT"
+        elif exc.errno == errno.EACCES:
+            why = "permission denied (ports below 1024 need privileges): set CHATPORT"
+        else:
+            why = exc.strerror or str(exc)
+        raise config.ConfigError(f"cannot listen on {where}: {why}") from None
+
+
+def origins_line(origins: tuple[str, ...]) -> str:
+    """What the start-up log says about FRONTENDADDRES."""
+    if not origins:
+        return (
+            "cross-origin browsers: none allowed (FRONTENDADDRES is empty; "
+            "same-origin and non-browser clients are fine)"
+        )
+    if "*" in origins:
+        return "cross-origin browsers: any origin allowed (FRONTENDADDRES=*)"
+    return f"cross-origin browsers allowed (FRONTENDADDRES): {', '.join(origins)}"
 
 
 def tune_gc() -> None:
@@ -495,9 +543,12 @@ async def _watchdog(interval: float) -> None:
 
 
 async def serve(
-    settings: config.Settings, hint: str | None = None, sockets: list | None = None
+    settings: config.Settings,
+    hint: str | None = None,
+    sockets: list | None = None,
+    servers: embedded.EmbeddedServers | None = None,
 ) -> None:
-    daemon = Chatd(settings, sockets)
+    daemon = Chatd(settings, sockets, servers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     received: list[str] = []
@@ -516,6 +567,7 @@ async def serve(
         await daemon.start()
         if hint:
             log.info("%s", hint)
+        log.info("%s", origins_line(settings.cors_origins))
         sdnotify.notify(f"READY=1\nSTATUS=listening on port {daemon.port}")
         tune_gc()
         interval = sdnotify.watchdog_interval()
@@ -549,16 +601,69 @@ def _stop_starting(signum, frame) -> None:
     raise _StopStarting
 
 
+USAGE = """\
+Usage: chatd [--help]
+
+chatd serves the chat REST API and Socket.IO on one port (CHATPORT, default
+8080) and runs in the foreground until SIGTERM or Ctrl-C, which drain it.
+
+Every setting comes from the environment or a .env file in the working
+directory (CHATD_ENV_FILE names another); .env.example lists them all:
+  CHATPORT, CHATD_HOST        where to listen (default: every address, port 8080)
+  FRONTENDADDRES              browser origins allowed, e.g. http://localhost:3000
+  DATABASE_URL or DB_*        PostgreSQL; REDIS_URL or REDIS_*: Redis
+  ACCESS_TOKEN_SECRET         the HS256 secret tokens are signed with
+  LOG_LEVEL, LOG_FORMAT       debug|info|warning|error, text|json
+
+With no database configured chatd runs its own PostgreSQL and Redis (the
+embedded default), with their data, and a generated token secret, in
+CHATD_DATA_DIR (default: {data_dir}). One chatd at a time
+owns that folder. `chatctl token USER` mints a token for it.
+
+Exit status: 0 after a clean stop, 2 for a setting, port or data folder that
+cannot be used (one line on stderr saying which), 1 when a store fails.
+"""
+
+
+def usage() -> str:
+    try:
+        where = str(embedded.default_data_dir())
+    except Exception:  # pragma: no cover - platformdirs missing
+        where = "~/.local/share/chatd"
+    return USAGE.format(data_dir=where)
+
+
+def _fail(code: int, message: object) -> None:
+    print(f"chatd: {message}", file=sys.stderr)  # noqa: T201
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(usage(), end="")  # noqa: T201
+        sys.exit(0)
+    if args:
+        _fail(2, f"unexpected argument {args[0]!r}: chatd takes its settings from the "
+                 "environment (see chatd --help)")  # fmt: skip
     try:
         settings = config.load()
     except config.ConfigError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
-        sys.exit(2)
+        _fail(2, exc)
     setup_logging(settings)
     servers: embedded.EmbeddedServers | None = None
     hint = None
+    lock = None
+    sockets = None
     try:
+        if settings.database_url is None:
+            # The folder is ours before anything is touched: a second chatd on
+            # it stops here, having started no server and bound no port.
+            lock = embedded.lock_data_dir(embedded.data_dir_of(settings))
+        if settings.workers <= 1:
+            # Before the embedded servers start: a busy port fails in a moment,
+            # not after initdb, and leaves nothing to undo.
+            sockets = bind(settings)
         if settings.database_url is None:
             # The embedded default. Started here, before the event loop exists,
             # so initdb and the waits block nothing; stopped after it is gone.
@@ -590,28 +695,30 @@ def main(argv: list[str] | None = None) -> None:
             # spreads connections over them. (One inherited socket would not:
             # the worker that wakes first accepts a whole burst of them.) Port
             # 0 is resolved once here so that every worker binds the same one.
-            if settings.port == 0:
-                probe = bind(settings, reuse_port=True)
-                settings = dataclasses.replace(settings, port=probe[0].getsockname()[1])
-                for s in probe:
-                    s.close()
+            # The probe also fails here, once and in one line, on a busy port.
+            probe = bind(settings, reuse_port=True)
+            settings = dataclasses.replace(settings, port=probe[0].getsockname()[1])
+            for s in probe:
+                s.close()
             shared = settings
             sys.exit(
                 supervise(
                     settings.workers,
-                    lambda: run(serve(shared, hint, bind(shared, reuse_port=True))),
+                    lambda: run(serve(shared, hint, bind(shared, reuse_port=True), servers)),
                 )
             )
-        run(serve(settings, hint))
-    except config.ConfigError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
-        sys.exit(2)
+        run(serve(settings, hint, sockets, servers))
+    except (config.ConfigError, embedded.DataDirInUse) as exc:
+        _fail(2, exc)
     except (Unavailable, migrations.MigrationError, embedded.EmbeddedError) as exc:
-        print(f"chatd: {exc}", file=sys.stderr)  # noqa: T201
-        sys.exit(1)
+        _fail(1, exc)
     except (KeyboardInterrupt, _StopStarting):
         log.info("stopped during start-up")
     finally:
+        for sock in sockets or ():
+            sock.close()
         if servers is not None:
             servers.stop()
             log.info("embedded PostgreSQL and Redis stopped")
+        if lock is not None:
+            os.close(lock)  # after the servers are down: the folder is free again

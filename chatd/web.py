@@ -37,6 +37,8 @@ log = logging.getLogger("chatd.web")
 # API.md: any request body over 64 KiB is 413, checked before anything else.
 MAX_BODY = 64 * 1024
 JSON_TYPE = "application/json; charset=utf-8"
+# Response headers browser code may read on a cross-origin answer.
+EXPOSED_HEADERS = "X-Request-Id, Retry-After"
 
 
 @dataclass
@@ -178,6 +180,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if origin_allowed(self.request.headers.get("Origin"), ctx.cors_origins):
             self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
             self.set_header("Access-Control-Allow-Credentials", "true")
+            # On every answer, not only preflights: that is where browser code
+            # reads them (X-Request-Id for a bug report, Retry-After on a 429).
+            self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if ctx.cors_origins:
             self.set_header("Vary", "Origin")
 
@@ -240,7 +245,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header(
                 "Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id"
             )
-            self.set_header("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")
             self.set_header("Access-Control-Max-Age", "600")
         self.set_status(204)
         self.clear_header("Content-Type")
@@ -542,11 +546,16 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     ctx = getattr(handler, "ctx", None) or handler.settings.get("chatd_ctx")
     if ctx is not None and ctx.metrics is not None:
         ctx.metrics.observe(route, request.method, status, seconds)
-    if not _access.isEnabledFor(logging.INFO):
+    # Socket.IO's own requests (the handshake, each long poll, the upgrade)
+    # are 4-6 per connection: at debug level, as chatd logs one connect and
+    # one disconnect line per socket. Its refusals (4xx, 5xx) stay visible.
+    level = logging.DEBUG if route == "/socket.io/" and status < 400 else logging.INFO
+    if not _access.isEnabledFor(level):
         return
     rid = request_id_of(request)
     ms = round(1000.0 * seconds, 1)
-    _access.info(
+    _access.log(
+        level,
         "%s %s %d %.1fms rid=%s",
         request.method,
         request.path,
