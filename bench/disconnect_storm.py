@@ -1,3 +1,4 @@
+# ruff: noqa: ASYNC220, ASYNC230, ASYNC240 - a benchmark driver: blocking set-up is fine
 """Disconnect storm: N websockets dropped at once, and join-chat vs N.
 
     .venv/bin/python bench/disconnect_storm.py [--sockets 10000] [--chats 100]
@@ -97,7 +98,8 @@ class Run:
         try:
             resp = await self.http.fetch(
                 self.url + path, method=method, raise_error=False, request_timeout=60,
-                headers={"Authorization": f"Bearer {tok(user)}", "Content-Type": "application/json"},
+                headers={"Authorization": f"Bearer {tok(user)}",
+                         "Content-Type": "application/json"},
                 body=orjson.dumps(body) if body is not None else None,
             )  # fmt: skip
             code = resp.code

@@ -161,32 +161,6 @@ class ChatPacket(socketio.packet.Packet):
             return 0
 
 
-class HostileLog:
-    """One short log line per second at most for input that only a broken
-    or hostile client sends (binary frames, unparsable packets): never a
-    traceback, and a flood costs one line a second plus a count."""
-
-    def __init__(self, logger: logging.Logger, every: float = 1.0):
-        self.logger = logger
-        self.every = every
-        self._next = 0.0
-        self._skipped = 0
-
-    def __call__(self, what: str, sid: str | None) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._skipped += 1
-            return
-        self._next = now + self.every
-        more = f" (+{self._skipped} more since)" if self._skipped else ""
-        self._skipped = 0
-        self.logger.warning("refused from socket %s: %s%s", sid, what, more,
-                            extra={"event": "socket_refused_input", "sid": sid})  # fmt: skip
-
-
-hostile = HostileLog(log)
-
-
 # -- run something right after the ack of the current event is sent -----------
 
 _after_ack: contextvars.ContextVar[list | None] = contextvars.ContextVar(
@@ -236,18 +210,18 @@ class ChatServer(socketio.AsyncServer):
         ``invalid_json`` ack when it has an ack id. Never raises: engine.io
         would log each failure with a traceback."""
         if not isinstance(data, str):
-            hostile("binary frame", self._sid_of(eio_sid))
+            delivery.hostile("binary frame", self._sid_of(eio_sid))
             await self._refuse(eio_sid)
             return
         pkt = self.packet_class(encoded_packet=data)
         kind = pkt.packet_type
         if kind in (packet.BINARY_EVENT, packet.BINARY_ACK):
-            hostile("binary attachments announced", self._sid_of(eio_sid))
+            delivery.hostile("binary attachments announced", self._sid_of(eio_sid))
             await self._refuse(eio_sid)
             return
         if pkt.invalid is not None:
             sid = self.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/")
-            hostile(f"unparsable packet ({pkt.invalid})", sid)
+            delivery.hostile(f"unparsable packet ({pkt.invalid})", sid)
             if kind == packet.EVENT and pkt.id is not None and sid is not None:
                 error = {"code": "invalid_json", "message": "the event is not valid JSON"}
                 await self._send_packet(eio_sid, self.packet_class(
@@ -263,23 +237,30 @@ class ChatServer(socketio.AsyncServer):
             await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
         elif kind == packet.EVENT:
             if not isinstance(pkt.data, list) or not pkt.data or not isinstance(pkt.data[0], str):
-                hostile("event without a name", self._sid_of(eio_sid))
+                delivery.hostile("event without a name", self._sid_of(eio_sid))
                 return
             await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
         elif kind == packet.ACK:
             await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data or [])
         else:  # CONNECT_ERROR (server to client only) or an unknown type
-            hostile(f"unexpected packet type {kind!r}"[:80], self._sid_of(eio_sid))
+            delivery.hostile(f"unexpected packet type {kind!r}"[:80], self._sid_of(eio_sid))
             await self._refuse(eio_sid)
 
     def _sid_of(self, eio_sid: str) -> str:
         return self.manager.sid_from_eio_sid(eio_sid, "/") or eio_sid
 
     async def _refuse(self, eio_sid: str) -> None:
+        """Close the connection: engine.io's disconnect only sends a CLOSE
+        packet and waits for the client to hang up, which a hostile client
+        does not; the websocket is closed here too."""
+        sock = self.eio.sockets.get(eio_sid)
         try:
             await self.eio.disconnect(eio_sid)
         except Exception:  # already gone
             pass
+        handler = getattr(sock, "_ws_handler", None)
+        if handler is not None:
+            handler.close()
 
     # -- disconnects: O(own rooms) now, handlers in batches -----------------------
 
@@ -590,7 +571,11 @@ class ChatManagerMixin:
                 log.warning("not subscribed to Redis yet; starting anyway (retrying)")
 
     async def close(self) -> None:
-        """Stop the pubsub listener (python-socketio's shutdown leaves it running)."""
+        """Finish the disconnect handlers queued so far, and stop the pubsub
+        listener (python-socketio's shutdown leaves it running)."""
+        drained = getattr(self.server, "drained", None)
+        if drained is not None:
+            await drained()
         thread = getattr(self, "thread", None)
         if thread is not None and not thread.done():
             thread.cancel()
@@ -966,11 +951,11 @@ class ChatNamespace(socketio.AsyncNamespace):
         # cannot all pass the check before any of them entered its room.
         reserved = self._joining.setdefault(sid, collections.Counter())
         taken = self.manager.chat_rooms(sid, self.namespace)
-        if room not in taken and room not in reserved:
-            if len(taken) + len(reserved.keys() - taken) >= MAX_ROOMS_PER_SOCKET:
-                if not reserved:
-                    del self._joining[sid]
-                raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
+        full = len(taken) + len(reserved.keys() - taken) >= MAX_ROOMS_PER_SOCKET
+        if full and room not in taken and room not in reserved:
+            if not reserved:
+                del self._joining[sid]
+            raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
         reserved[room] += 1
         try:
             return await self._join(sid, user_id, chat_id, room, since_seq)

@@ -53,13 +53,13 @@ class RawSocket:
             writer.close()
             raise Closed(head.decode(errors="replace"))
         sock = cls(reader, writer)
-        opcode, data = await sock.read_frame()
+        _, data = await sock.read_frame()
         if not data.startswith(b"0"):
             raise Closed(f"no engine.io open packet: {data[:100]!r}")
         if connect:
             sock.send_text("40" + orjson.dumps({"token": token}).decode())
             while True:
-                opcode, data = await sock.read_frame()
+                _, data = await sock.read_frame()
                 if data.startswith(b"40"):
                     sock.sid = orjson.loads(data[2:])["sid"]
                     break
@@ -156,6 +156,7 @@ class RawSocket:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         self.writer.close()
         try:
             await self.writer.wait_closed()
