@@ -163,3 +163,23 @@ async def test_the_chat_cap_holds_under_300_concurrent_join_chat(spawn, chat_id,
         pytest.fail(f"socket closed: {exc}")
     finally:
         await sock.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_announced_attachments_are_never_accumulated(chatd):
+    """Structurally, in process: python-socketio keeps a packet awaiting its
+    attachments in ``_binary_packet`` and appends every binary frame to it;
+    chatd never lets one in there, and the socket is gone."""
+    url = f"http://127.0.0.1:{chatd.port}"
+    sock = await RawSocket.open(url, token("mallory"))
+    try:
+        assert chatd.sio.eio.sockets
+        sock.send_text('45999999999-["send-message",{"_placeholder":true,"num":0}]')
+        for _ in range(20):
+            sock.send_binary(b"\x04" + b"z" * 10_000)
+        await wait_closed(sock)
+        assert chatd.sio._binary_packet == {}
+        await asyncio.sleep(0.1)
+        assert not chatd.sio.eio.sockets
+    finally:
+        await sock.close()
