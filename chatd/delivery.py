@@ -411,7 +411,7 @@ class Turns:
 
 
 # Websockets whose end is processed per event-loop turn (see _serve_websocket).
-CLOSES_PER_TURN = 100
+CLOSES_PER_TURN = 32
 
 # Pings being sent (a task each, kept referenced until it is done).
 _pinging: set[asyncio.Task] = set()

@@ -37,7 +37,19 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
 ``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
-(chatd.delivery, exercised by tests/test_realtime_delivery.py).
+(chatd.delivery, exercised by tests/test_realtime_delivery.py). Also:
+
+- ``AsyncServer._handle_eio_message`` (refuses binary frames and attachment
+  packets, acks unparsable events; python-socketio's dispatch otherwise) and
+  ``Packet.decode`` (:class:`ChatPacket`, via ``serializer=``): exercised by
+  tests/test_socket_hostile.py;
+- ``AsyncServer._handle_eio_disconnect`` (rooms left at once, handlers in
+  batches), ``BaseManager.basic_enter_room`` / ``basic_leave_room`` /
+  ``basic_disconnect`` / ``get_rooms`` (a sid -> rooms index) and the
+  ``pending_connect`` / ``pending_disconnect`` tables (dicts with the list
+  methods python-socketio calls): exercised by tests/test_disconnect_storm.py
+  and every connect and disconnect in tests/test_realtime*.py and
+  tests/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -73,7 +85,7 @@ log = logging.getLogger("chatd.realtime")
 # this bounds the work a single connection can cause on every broadcast).
 MAX_ROOMS_PER_SOCKET = 200
 # Disconnect handlers run per event-loop turn (see ChatServer._handle_eio_disconnect).
-DISCONNECT_BATCH = 100
+DISCONNECT_BATCH = 32
 # Socket.IO packets above this are refused by engine.io (same cap as REST bodies).
 MAX_PACKET = 64 * 1024
 # Internal event: the sockets of room ``user:{user_id}`` leave ``chat:{chat_id}``.
