@@ -165,6 +165,8 @@ class DirectSocket(AsyncSocket):
         # check_ping_timeout() has something to do only for a closed socket or
         # an unanswered ping past ping_timeout: called only then (it is two
         # coroutines per packet otherwise).
+        if self._ended:
+            return  # the connection is over; its close is only waiting its turn
         last_ping = self.last_ping
         due = self.closed or (last_ping and time.time() - last_ping > self.server.ping_timeout)
         if due and not await self.check_ping_timeout():
@@ -244,6 +246,10 @@ class DirectSocket(AsyncSocket):
 
     # The Tornado handler of the websocket this socket's writer writes to.
     _ws_handler = None
+    # Set when the websocket's connection is over (its reader ended): packets
+    # for it are dropped at once instead of written to a dead stream (a mass
+    # disconnect: the rooms still hold the sockets waiting for their close).
+    _ended = False
 
     async def _websocket_handler(self, ws):
         """engine.io's AsyncSocket._websocket_handler (python-engineio 4.x),
@@ -367,6 +373,7 @@ class DirectSocket(AsyncSocket):
         # The connection is over. When thousands end at once (a load balancer
         # restart), closing them all in the same loop turns would hold every
         # request behind them: at most CLOSES_PER_TURN go on per turn.
+        self._ended = True
         await server.closing_turns.wait()
         await self.queue.put(None)  # unlock the writer task so it can exit
         await writer_task
