@@ -108,7 +108,7 @@ class Run:
         return code, time.perf_counter() - t
 
     async def sockets(self) -> int:
-        resp = await self.http.fetch(self.url + "/metrics", raise_error=False)
+        resp = await self.http.fetch(self.url + "/metrics", raise_error=False, request_timeout=300)
         m = re.search(rb"^chatd_sockets_connected (\S+)", resp.body, re.M)
         return int(float(m.group(1))) if m else -1
 
