@@ -73,6 +73,15 @@ async def test_garbage_frames_before_connect_log_one_short_line(spawn):
             pass
         await wait_closed(sock)
         await sock.close()
+    # Events and acks from a socket that never sent CONNECT: nothing to answer
+    # (no namespace joined), and not a line each.
+    sock = await RawSocket.open(proc.url, connect=False)
+    sock.start()
+    for i in range(200):
+        sock.send_text(f'42{i}["join-chat","x"]')
+        sock.send_text(f'43{i}[{{"ok":true}}]')
+    assert (await asyncio.wait_for(_ack_or_none(sock), 1)) is None
+    await sock.close()
     # Text that is no engine.io packet at all, and a Socket.IO packet type
     # that does not exist: closed too, no traceback.
     for garbage in ("x-not-a-packet", "49junk"):
@@ -118,6 +127,12 @@ async def test_deeply_nested_event_gets_an_error_ack_and_no_traceback(spawn):
     await asyncio.sleep(0.3)
     log = proc.log()
     assert tracebacks(log) == 0, log[-3000:]
+
+
+async def _ack_or_none(sock: RawSocket):
+    """None once the server has had time to answer (it must not)."""
+    await asyncio.sleep(0.5)
+    return sock.events or None
 
 
 async def _ack(sock: RawSocket, ack_id: int):
