@@ -17,6 +17,8 @@ is idle, the packet is framed and written right there, with no task wake-up
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import sys
 import time
 from urllib.parse import urlsplit
@@ -82,6 +84,33 @@ async def deliver_message(manager, message: dict) -> bool:
     return True
 
 
+class HostileLog:
+    """One short log line per second at most for input that only a broken
+    or hostile client sends (binary frames, unparsable packets): never a
+    traceback, and a flood costs one line a second plus a count."""
+
+    def __init__(self, logger: logging.Logger, every: float = 1.0):
+        self.logger = logger
+        self.every = every
+        self._next = 0.0
+        self._skipped = 0
+
+    def __call__(self, what: str, sid: str | None) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        self._next = now + self.every
+        more = f" (+{self._skipped} more since)" if self._skipped else ""
+        self._skipped = 0
+        self.logger.warning("refused from socket %s: %s%s", sid, what, more,
+                            extra={"event": "socket_refused_input", "sid": sid})  # fmt: skip
+
+
+# Refused input, logged by chatd.realtime and here (one logger, one rate).
+hostile = HostileLog(logging.getLogger("chatd.realtime"))
+
+
 # -- engine.io sockets that write to an idle websocket at once -----------------
 
 
@@ -136,6 +165,8 @@ class DirectSocket(AsyncSocket):
         # check_ping_timeout() has something to do only for a closed socket or
         # an unanswered ping past ping_timeout: called only then (it is two
         # coroutines per packet otherwise).
+        if self._ended:
+            return  # the connection is over; its close is only waiting its turn
         last_ping = self.last_ping
         due = self.closed or (last_ping and time.time() - last_ping > self.server.ping_timeout)
         if due and not await self.check_ping_timeout():
@@ -215,6 +246,10 @@ class DirectSocket(AsyncSocket):
 
     # The Tornado handler of the websocket this socket's writer writes to.
     _ws_handler = None
+    # Set when the websocket's connection is over (its reader ended): packets
+    # for it are dropped at once instead of written to a dead stream (a mass
+    # disconnect: the rooms still hold the sockets waiting for their close).
+    _ended = False
 
     async def _websocket_handler(self, ws):
         """engine.io's AsyncSocket._websocket_handler (python-engineio 4.x),
@@ -317,7 +352,11 @@ class DirectSocket(AsyncSocket):
                 break
             if p is None:
                 break  # connection closed by client
-            pkt = eio_packet.Packet(encoded_packet=p)
+            try:
+                pkt = eio_packet.Packet(encoded_packet=p)
+            except Exception:  # not an engine.io packet (engine.io: a traceback)
+                hostile("not an engine.io packet", self.sid)
+                break
             try:
                 await self.receive(pkt)
             except exceptions.UnknownPacketError:  # pragma: no cover
@@ -325,14 +364,61 @@ class DirectSocket(AsyncSocket):
             except exceptions.SocketIsClosedError:  # pragma: no cover
                 server.logger.info("Receive error -- socket is closed")
                 break
-            except Exception:  # pragma: no cover
-                # an unexpected exception: log it and end the connection properly
-                server.logger.exception("Unknown receive error")
+            except Exception as exc:
+                # engine.io logged a traceback per frame; chatd's handlers raise
+                # nothing on hostile input, so this is one short line, and the end.
+                hostile(f"receive error {type(exc).__name__}", self.sid)
+                break
 
+        # The connection is over. When thousands end at once (a load balancer
+        # restart), closing them all in the same loop turns would hold every
+        # request behind them: at most CLOSES_PER_TURN go on per turn.
+        self._ended = True
+        await server.closing_turns.wait()
         await self.queue.put(None)  # unlock the writer task so it can exit
         await writer_task
         await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
 
+
+class Turns:
+    """``await turns.wait()``: at most ``per_turn`` callers go on per
+    event-loop turn, in arrival order; the others wait for later turns."""
+
+    def __init__(self, per_turn: int):
+        self.per_turn = per_turn
+        self._left = per_turn
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._scheduled = False
+
+    async def wait(self) -> None:
+        if self._left > 0 and not self._waiters:
+            self._left -= 1
+            self._schedule()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._schedule()
+        await fut
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._scheduled = False
+        self._left = self.per_turn
+        while self._waiters and self._left > 0:
+            fut = self._waiters.popleft()
+            if not fut.done():  # cancelled meanwhile: its turn goes to the next
+                fut.set_result(None)
+                self._left -= 1
+        if self._waiters or self._left < self.per_turn:
+            self._schedule()
+
+
+# Websockets whose end is processed per event-loop turn (see _serve_websocket).
+CLOSES_PER_TURN = 32
 
 # Pings being sent (a task each, kept referenced until it is done).
 _pinging: set[asyncio.Task] = set()
@@ -358,6 +444,7 @@ class EngineServer(engineio.AsyncServer):
         super().__init__(*args, **kwargs)
         # This server's own copy of the driver table (it is shared by module).
         self._async = {**self._async, "translate_request": translate_request}
+        self.closing_turns = Turns(CLOSES_PER_TURN)
 
     def create_queue(self, *args, **kwargs) -> SocketQueue:
         return SocketQueue()

@@ -80,6 +80,25 @@ if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]); return 0 end
 return n
 """
 
+# Many sockets leaving at once (a batch of disconnects): _LEAVE for each.
+# KEYS: proc set. ARGV: chat hash key prefix, then chat, user, ref per socket.
+# Reply: {chat, user, chat, user, ...} whose count fell to zero.
+_LEAVE_MANY = """
+local gone = {}
+for i = 2, #ARGV, 3 do
+  if redis.call('SREM', KEYS[1], ARGV[i + 2]) == 1 then
+    local key = ARGV[1] .. ARGV[i]
+    local n = redis.call('HINCRBY', key, ARGV[i + 1], -1)
+    if n <= 0 then
+      redis.call('HDEL', key, ARGV[i + 1])
+      table.insert(gone, ARGV[i])
+      table.insert(gone, ARGV[i + 1])
+    end
+  end
+end
+return gone
+"""
+
 # KEYS: procs zset. ARGV: pid, ttl_ms.
 # Reply: {1 if this process was not registered (new, or reaped), expired pids...}
 _BEAT = (
@@ -135,6 +154,8 @@ class _Base:
         self.local: dict[tuple[str, str], str] = {}
         self._chats: dict[str, set[str]] = {}
         self.notify: Notify | None = None
+        # Several changes at once, [(chat_id, user_id, online)] (optional).
+        self.notify_many: Callable[[list[tuple[str, str, bool]]], Awaitable[None]] | None = None
 
     def _add(self, chat_id: str, sid: str, user_id: str) -> bool:
         """Record a local join; False if it was recorded already."""
@@ -161,12 +182,29 @@ class _Base:
             except Exception:
                 log.exception("presence emit failed")
 
+    async def _tell_many(self, changes: list[tuple[str, str, bool]]) -> None:
+        if not changes:
+            return
+        if self.notify_many is None:
+            for change in changes:
+                await self._tell(*change)
+            return
+        try:
+            await self.notify_many(changes)
+        except Exception:
+            log.exception("presence emit failed")
+
     def chats_of(self, sid: str) -> list[str]:
         return sorted(self._chats.get(sid, ()))
 
     async def leave_all(self, sid: str) -> None:
-        for chat_id in self.chats_of(sid):
-            await self.leave(chat_id, sid)
+        await self.leave_many([sid])
+
+    async def leave_many(self, sids: list[str]) -> None:
+        """Every chat of every one of these sockets (disconnected)."""
+        for sid in sids:
+            for chat_id in self.chats_of(sid):
+                await self.leave(chat_id, sid)
 
     async def join(self, chat_id: str, user_id: str, sid: str) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -224,6 +262,7 @@ class Presence(_Base):
         self._proc_prefix = f"{tag}:proc:"
         self._join = client.register_script(_JOIN)
         self._leave = client.register_script(_LEAVE)
+        self._leave_many = client.register_script(_LEAVE_MANY)
         self._beat = client.register_script(_BEAT)
         self._reap = client.register_script(_REAP)
         self._batch = autopipe.batcher(client)
@@ -358,6 +397,26 @@ class Presence(_Base):
         if user_id is None or self._closed:
             return
         await self._count_out(chat_id, user_id, _ref(chat_id, sid, user_id))
+
+    async def leave_many(self, sids: list[str]) -> None:
+        """Every chat of these sockets, in one Redis round trip (a batch of
+        disconnects: one script call instead of one per socket and chat)."""
+        args: list[str] = [self._chat_prefix]
+        for sid in sids:
+            for chat_id in list(self._chats.get(sid, ())):
+                user_id = self._remove(chat_id, sid)
+                if user_id is not None:
+                    args += [chat_id, user_id, _ref(chat_id, sid, user_id)]
+        if len(args) == 1 or self._closed:
+            return
+        try:
+            gone = await self._batch.run(self._leave_many, [self._proc_key(self.pid)], args)
+        except (RedisError, OSError) as exc:
+            self._failed("leave", exc)
+            return
+        await self._tell_many(
+            [(gone[i].decode(), gone[i + 1].decode(), False) for i in range(0, len(gone) - 1, 2)]
+        )
 
     async def _count_out(self, chat_id: str, user_id: str, ref: str) -> None:
         try:

@@ -37,7 +37,21 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
 ``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
-(chatd.delivery, exercised by tests/test_realtime_delivery.py). The log
+(chatd.delivery, exercised by tests/test_realtime_delivery.py). Also:
+
+- ``AsyncServer._handle_eio_message`` (refuses binary frames and attachment
+  packets, acks unparsable events; python-socketio's dispatch otherwise) and
+  ``Packet.decode`` (:class:`ChatPacket`, via ``serializer=``): exercised by
+  tests/test_socket_hostile.py;
+- ``AsyncServer._handle_eio_disconnect`` (rooms left at once, handlers in
+  batches), ``BaseManager.basic_enter_room`` / ``basic_leave_room`` /
+  ``basic_disconnect`` / ``get_rooms`` (a sid -> rooms index) and the
+  ``pending_connect`` / ``pending_disconnect`` tables (dicts with the list
+  methods python-socketio calls): exercised by tests/test_disconnect_storm.py
+  and every connect and disconnect in tests/test_realtime*.py and
+  tests/test_cluster.py.
+
+The log
 filter :class:`_ClientFaults` recognises engine.io's client-error lines by
 the name of the internal method that logs them, ``_log_error_once``
 (exercised by tests/test_first_hour.py, the "plain line" test).
@@ -53,6 +67,7 @@ side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import json
 import logging
@@ -63,6 +78,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import socketio
 from redis.exceptions import RedisError
+from socketio import packet
 from socketio.async_manager import AsyncManager
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from tornado.httputil import HTTPHeaders
@@ -80,6 +96,8 @@ log = logging.getLogger("chatd.realtime")
 # How many chats one socket may be joined to at once (a frontend shows a few;
 # this bounds the work a single connection can cause on every broadcast).
 MAX_ROOMS_PER_SOCKET = 200
+# Disconnect handlers run per event-loop turn (see ChatServer._handle_eio_disconnect).
+DISCONNECT_BATCH = 32
 # Socket.IO packets above this are refused by engine.io (same cap as REST bodies).
 MAX_PACKET = 64 * 1024
 # Internal event: the sockets of room ``user:{user_id}`` leave ``chat:{chat_id}``.
@@ -139,7 +157,30 @@ class OrjsonPackets:
             # sends happily (a string cut inside an emoji). Unparsed, the event
             # would get no ack at all; the standard parser takes them, and
             # validate refuses such a string with a proper error ack.
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except RecursionError:
+                # Nested deeper than orjson's 1,024 levels: refused (a
+                # ValueError, answered by ChatPacket), not a RecursionError.
+                raise ValueError("JSON nested too deeply") from None
+
+
+class ChatPacket(socketio.packet.Packet):
+    """python-socketio's packet, whose decoding never raises: a packet whose
+    payload does not parse keeps its type, namespace and ack id, with
+    ``invalid`` saying why, so that the server can answer the ack with an
+    error (:meth:`ChatServer._handle_eio_message`). python-socketio would
+    raise from the decode, and engine.io log the traceback with no ack."""
+
+    invalid: str | None = None
+
+    def decode(self, encoded_packet):
+        try:
+            return super().decode(encoded_packet)
+        except Exception as exc:  # ValueError, TypeError: whatever the bytes were
+            self.invalid = str(exc)[:100] or type(exc).__name__
+            self.data = None
+            return 0
 
 
 # -- run something right after the ack of the current event is sent -----------
@@ -170,8 +211,128 @@ class ChatServer(socketio.AsyncServer):
     only after that. The event handler runs inside this method's task, so a
     context variable carries the hooks from the handler to here."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Disconnects whose handlers have yet to run (namespace, sid, reason),
+        # and the task running them (see _handle_eio_disconnect).
+        self._gone: collections.deque = collections.deque()
+        self._draining: asyncio.Task | None = None
+
     def _engineio_server_class(self):
         return delivery.EngineServer
+
+    # -- hostile input: refused in a line, never a traceback -----------------------
+
+    async def _handle_eio_message(self, eio_sid, data):
+        """python-socketio's dispatch of an engine.io message, minus what
+        chatd's API never carries: a binary frame or a packet announcing
+        binary attachments closes the socket (python-socketio would buffer
+        every attachment announced, up to 10^10 of them: 234 MiB from one
+        socket), and a packet that does not parse is answered with an
+        ``invalid_json`` ack when it has an ack id. Never raises: engine.io
+        would log each failure with a traceback."""
+        if not isinstance(data, str):
+            delivery.hostile("binary frame", self._sid_of(eio_sid))
+            await self._refuse(eio_sid)
+            return
+        pkt = self.packet_class(encoded_packet=data)
+        kind = pkt.packet_type
+        if kind in (packet.BINARY_EVENT, packet.BINARY_ACK):
+            delivery.hostile("binary attachments announced", self._sid_of(eio_sid))
+            await self._refuse(eio_sid)
+            return
+        if pkt.invalid is not None:
+            sid = self.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/")
+            delivery.hostile(f"unparsable packet ({pkt.invalid})", sid)
+            if kind == packet.EVENT and pkt.id is not None and sid is not None:
+                error = {"code": "invalid_json", "message": "the event is not valid JSON"}
+                await self._send_packet(eio_sid, self.packet_class(
+                    packet.ACK, namespace=pkt.namespace or "/", id=pkt.id,
+                    data=[{"ok": False, "error": error}],
+                ))  # fmt: skip
+            elif kind not in (packet.EVENT, packet.ACK):
+                await self._refuse(eio_sid)  # not even a packet we know
+            return
+        if kind == packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == packet.EVENT:
+            if not isinstance(pkt.data, list) or not pkt.data or not isinstance(pkt.data[0], str):
+                delivery.hostile("event without a name", self._sid_of(eio_sid))
+                return
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == packet.ACK:
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data or [])
+        else:  # CONNECT_ERROR (server to client only) or an unknown type
+            delivery.hostile(f"unexpected packet type {kind!r}"[:80], self._sid_of(eio_sid))
+            await self._refuse(eio_sid)
+
+    def _sid_of(self, eio_sid: str) -> str:
+        return self.manager.sid_from_eio_sid(eio_sid, "/") or eio_sid
+
+    async def _refuse(self, eio_sid: str) -> None:
+        """Close the connection: engine.io's disconnect only sends a CLOSE
+        packet and waits for the client to hang up, which a hostile client
+        does not; the websocket is closed here too."""
+        sock = self.eio.sockets.get(eio_sid)
+        try:
+            await self.eio.disconnect(eio_sid)
+        except Exception:  # already gone
+            pass
+        handler = getattr(sock, "_ws_handler", None)
+        if handler is not None:
+            handler.close()
+
+    # -- disconnects: O(own rooms) now, handlers in batches -----------------------
+
+    async def _handle_eio_disconnect(self, eio_sid, reason):
+        """python-socketio's, in two halves. At once: the socket leaves every
+        room (O(its own rooms) with ChatManagerMixin's index; python-socketio
+        walked every room of the process, ~1 ms per socket at 10,000 sockets),
+        so no broadcast is written to it any more. Later, in batches of
+        DISCONNECT_BATCH per event-loop turn: the disconnect handlers (presence
+        in one Redis round trip per batch, the log line). A load balancer
+        dropping 10,000 sockets at once so costs a series of short turns
+        instead of one 10 s freeze."""
+        manager = self.manager
+        for namespace in list(manager.get_namespaces()):
+            sid = manager.sid_from_eio_sid(eio_sid, namespace)
+            if sid is None or not manager.is_connected(sid, namespace):
+                continue
+            manager.pre_disconnect(sid, namespace)
+            await manager.disconnect(sid, namespace, ignore_queue=True)
+            self._gone.append((namespace, sid, reason or self.reason.CLIENT_DISCONNECT))
+        self._binary_packet.pop(eio_sid, None)
+        self.environ.pop(eio_sid, None)
+        if self._gone and self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._gone:
+                batch: dict[str, list] = {}
+                for _ in range(min(DISCONNECT_BATCH, len(self._gone))):
+                    namespace, sid, reason = self._gone.popleft()
+                    batch.setdefault(namespace, []).append((sid, reason))
+                for namespace, gone in batch.items():
+                    handler = self.namespace_handlers.get(namespace)
+                    try:
+                        if isinstance(handler, ChatNamespace):
+                            await handler.disconnected(gone)
+                        else:  # pragma: no cover - chatd has one namespace
+                            for sid, reason in gone:
+                                await self._trigger_event("disconnect", namespace, sid, reason)
+                    except Exception:
+                        log.exception("disconnect handler failed")
+                await asyncio.sleep(0)  # let requests and events run between batches
+        finally:
+            self._draining = None
+
+    async def drained(self) -> None:
+        """Until every disconnect so far has had its handler run."""
+        while self._draining is not None:
+            await asyncio.shield(self._draining)
 
     async def _handle_event_internal(self, server, sid, eio_sid, data, namespace, id):
         hooks: list = []
@@ -223,6 +384,7 @@ def create_server(cors_origins: tuple[str, ...], client_manager=None) -> socketi
         cors_allowed_origins=list(cors_origins) if cors_origins else [],
         cors_credentials=True,
         json=OrjsonPackets,
+        serializer=ChatPacket,
         max_http_buffer_size=MAX_PACKET,
         logger=_library_logger("chatd.socketio"),
         engineio_logger=_library_logger("chatd.engineio"),
@@ -263,6 +425,29 @@ class OriginGuard:
 # -- the client managers ---------------------------------------------------------
 
 
+class _Pending(dict):
+    """The list API python-socketio uses on its pending sids (append,
+    remove, in, len), on a dict: O(1) each, in insertion order."""
+
+    def append(self, sid) -> None:
+        self[sid] = None
+
+    def remove(self, sid) -> None:
+        del self[sid]
+
+
+class _PendingTable(dict):
+    """namespace -> _Pending; python-socketio stores a new ``[]`` there."""
+
+    def __setitem__(self, namespace, value) -> None:
+        if not isinstance(value, _Pending):
+            pending = _Pending()
+            for sid in value:
+                pending.append(sid)
+            value = pending
+        super().__setitem__(namespace, value)
+
+
 class ChatManagerMixin:
     """chatd's additions to a python-socketio pub/sub manager (see the module
     docstring). Everything is decided in ``_handle_emit``, which
@@ -284,6 +469,51 @@ class ChatManagerMixin:
         # chat's room by an internal event (the namespace updates presence).
         self.on_removed: Callable[[str, str], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task] = set()
+        # (namespace, sid) -> the rooms it is in (None and its own sid room
+        # included): python-socketio finds a socket's rooms by walking every
+        # room of the namespace (get_rooms, basic_disconnect), O(sockets) per
+        # join-chat and per disconnect at one room per user.
+        self._rooms_of: dict[tuple[str, str], set] = {}
+        # python-socketio keeps these as lists (`sid in list`, list.remove):
+        # O(n) per connect and disconnect while n are pending.
+        self.pending_connect = _PendingTable()
+        self.pending_disconnect = _PendingTable()
+
+    # -- a socket's rooms without walking every room -----------------------------
+
+    def basic_enter_room(self, sid, namespace, room, eio_sid=None):
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        self._rooms_of.setdefault((namespace, sid), set()).add(room)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        rooms = self._rooms_of.get((namespace, sid))
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self._rooms_of[(namespace, sid)]
+
+    def basic_disconnect(self, sid, namespace, **kwargs):
+        """python-socketio's, leaving only the rooms the socket is in."""
+        if namespace not in self.rooms:
+            return
+        for room in list(self._rooms_of.get((namespace, sid), ())):
+            self.basic_leave_room(sid, namespace, room)
+        self.callbacks.pop(sid, None)
+        for table in (self.pending_connect, self.pending_disconnect):
+            pending = table.get(namespace)
+            if pending is not None and sid in pending:
+                pending.remove(sid)
+                if not pending:
+                    del table[namespace]
+
+    def get_rooms(self, sid, namespace):
+        return [r for r in self._rooms_of.get((namespace, sid), ()) if r is not None]
+
+    def chat_rooms(self, sid: str, namespace: str = "/") -> set[str]:
+        """The chat rooms (``chat:*``) the socket is in."""
+        rooms = self._rooms_of.get((namespace, sid), ())
+        return {r for r in rooms if isinstance(r, str) and r.startswith("chat:")}
 
     async def emit(self, event, data, namespace=None, room=None, skip_sid=None,
                    callback=None, to=None, skip_room=None, **kwargs):  # fmt: skip
@@ -421,7 +651,11 @@ class ChatManagerMixin:
                 log.warning("not subscribed to Redis yet; starting anyway (retrying)")
 
     async def close(self) -> None:
-        """Stop the pubsub listener (python-socketio's shutdown leaves it running)."""
+        """Finish the disconnect handlers queued so far, and stop the pubsub
+        listener (python-socketio's shutdown leaves it running)."""
+        drained = getattr(self.server, "drained", None)
+        if drained is not None:
+            await drained()
         thread = getattr(self, "thread", None)
         if thread is not None and not thread.done():
             thread.cancel()
@@ -670,7 +904,10 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.verifier = verifier
         self.presence = presence or LocalPresence()
         self.presence.notify = self._announce
+        self.presence.notify_many = self._announce_many
         self.users: dict[str, str] = {}  # sid -> user id, for this process's sockets
+        # sid -> chat rooms its join-chat calls in flight are joining (the cap).
+        self._joining: dict[str, collections.Counter] = {}
         self.request_ids: dict[str, str] = {}  # sid -> the handshake's request id (logs)
         self.handlers = {
             "join-chat": self.join_chat,
@@ -695,6 +932,19 @@ class ChatNamespace(socketio.AsyncNamespace):
     async def _announce(self, chat_id: str, user_id: str, online: bool) -> None:
         payload = {"chat_id": chat_id, "user_id": user_id, "online": online}
         await self.emit("presence", payload, room=chat_room(chat_id))
+
+    async def _announce_many(self, changes: list[tuple[str, str, bool]]) -> None:
+        """Several presence changes: delivered here one by one, published to
+        the other processes as one batch (one PUBLISH, not one per user)."""
+        manager, host = self.manager, self.manager.host_id
+        emits = []
+        for chat_id, user_id, online in changes:
+            payload = {"chat_id": chat_id, "user_id": user_id, "online": online}
+            emit = emit_message("presence", payload, chat_room(chat_id), host)
+            await manager._handle_emit(emit)
+            emits.append(emit)
+        if emits and getattr(manager, "channel", None) is not None:
+            await manager.publish_raw(publication(emits, host))
 
     async def trigger_event(self, event: str, *args):
         if event == "connect":
@@ -757,13 +1007,20 @@ class ChatNamespace(socketio.AsyncNamespace):
                         "request_id": rid})  # fmt: skip
 
     async def on_disconnect(self, sid: str, reason: object = None):
-        user_id = self.users.pop(sid, None)
-        self.manager.forget(sid)
-        await self.presence.leave_all(sid)
-        rid = self.request_ids.pop(sid, sid)
-        log.info("socket disconnect sid=%s user=%s rid=%s reason=%s", sid, user_id, rid, reason,
-                 extra={"event": "socket_disconnect", "sid": sid, "user_id": user_id,
-                        "request_id": rid, "reason": str(reason)})  # fmt: skip
+        await self.disconnected([(sid, reason)])
+
+    async def disconnected(self, gone: list[tuple[str, object]]) -> None:
+        """Sockets that disconnected (a batch, see ChatServer._drain): their
+        presence goes in one Redis round trip, and who went offline is
+        announced (and published) together."""
+        for sid, reason in gone:
+            user_id = self.users.pop(sid, None)
+            self.manager.forget(sid)
+            rid = self.request_ids.pop(sid, sid)
+            log.info("socket disconnect sid=%s user=%s rid=%s reason=%s", sid, user_id, rid,
+                     reason, extra={"event": "socket_disconnect", "sid": sid, "user_id": user_id,
+                                    "request_id": rid, "reason": str(reason)})  # fmt: skip
+        await self.presence.leave_many([sid for sid, _ in gone])
 
     async def _removed(self, sid: str, chat_id: str) -> None:
         """A member removal made this local socket leave the chat's room."""
@@ -775,9 +1032,29 @@ class ChatNamespace(socketio.AsyncNamespace):
             since_seq = validate.json_int(payload["since_seq"], "since_seq")
         chat_id = _chat_id_of(payload)
         room = chat_room(chat_id)
-        rooms = self.rooms(sid)
-        if room not in rooms and len(rooms) > MAX_ROOMS_PER_SOCKET + 1:
+        # The cap counts the chats joined and those being joined: the slot is
+        # taken here, before the first await, so 300 join-chat sent at once
+        # cannot all pass the check before any of them entered its room.
+        reserved = self._joining.setdefault(sid, collections.Counter())
+        taken = self.manager.chat_rooms(sid, self.namespace)
+        full = len(taken) + len(reserved.keys() - taken) >= MAX_ROOMS_PER_SOCKET
+        if full and room not in taken and room not in reserved:
+            if not reserved:
+                del self._joining[sid]
             raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
+        reserved[room] += 1
+        try:
+            return await self._join(sid, user_id, chat_id, room, since_seq)
+        finally:
+            reserved[room] -= 1
+            if reserved[room] <= 0:
+                del reserved[room]
+                if not reserved and self._joining.get(sid) is reserved:
+                    del self._joining[sid]
+
+    async def _join(
+        self, sid: str, user_id: str, chat_id: str, room: str, since_seq: int | None
+    ) -> dict:
         # Check first (a refused socket never enters the room), then join, then
         # read what was missed: whatever commits after that read is emitted to
         # a room the socket is already in, so join-then-listen leaves no hole.

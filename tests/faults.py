@@ -78,6 +78,8 @@ class TcpProxy:
         self._call(self._shutdown)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _call(self, fn, *args) -> None:
         asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(5)
@@ -104,6 +106,12 @@ class TcpProxy:
     async def _shutdown(self) -> None:
         self._server.close()
         await self._set_mode(RESET)
+        # Every connection's task ends here, not destroyed pending with the
+        # loop ("Task was destroyed but it is pending! ... _client()").
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1

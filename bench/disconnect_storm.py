@@ -1,0 +1,325 @@
+# ruff: noqa: ASYNC220, ASYNC230, ASYNC240 - a benchmark driver: blocking set-up is fine
+"""Disconnect storm: N websockets dropped at once, and join-chat vs N.
+
+    .venv/bin/python bench/disconnect_storm.py [--sockets 10000] [--chats 100]
+        [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+        [--redis redis://127.0.0.1:6379/0] [--profile out.prof]
+
+Starts its own chatd (python -m chatd, on a fresh database and Redis prefix),
+then:
+
+1. join-chat p50 on a probe socket with ~100 sockets connected;
+2. a holder process opens N websockets (user ``u{i}``, each joined to one
+   public chat ``c{i % chats}``), and a keeper socket per chat stays (users
+   ``k{j}``; ``u0`` also keeps a second socket, to check that a user with a
+   socket left stays online);
+3. join-chat p50 again, with N sockets connected;
+4. the holder is SIGKILLed: the kernel closes its N connections at once.
+   Meanwhile /healthz and a REST send are sampled every 20 ms (each waits
+   for the previous answer) until chatd reports the sockets gone;
+5. presence in Redis must then hold exactly the keepers (and u0).
+
+Prints one JSON line of figures. ``--profile`` runs chatd under cProfile
+(written when it stops), for finding where a disconnect's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import psycopg2
+import redis
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatd import migrations  # noqa: E402
+from chatd.auth import mint  # noqa: E402
+from tests.rawsocket import RawSocket  # noqa: E402
+
+PROBE_CHATS = 10
+SECRET = "bench-secret-0123456789abcdef0123456789"
+
+
+def tok(user: str) -> str:
+    return mint(SECRET, user, 3600)
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+# -- the holder: N sockets in a process of their own ------------------------------
+
+
+async def hold(url: str, n: int, chats: int) -> None:
+    sem = asyncio.Semaphore(64)
+    socks = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            s = await RawSocket.open(url, tok(f"u{i}"))
+            ack = await s.call("join-chat", f"c{i % chats}", 60)
+            assert ack["ok"], ack
+            socks.append(s)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    print("ready", len(socks), flush=True)
+    await asyncio.Event().wait()  # until killed
+
+
+# -- the bench ----------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.http = AsyncHTTPClient(max_clients=4)
+        self.url = ""
+
+    async def req(self, method: str, path: str, body=None, user="k0") -> tuple[int, float]:
+        t = time.perf_counter()
+        try:
+            resp = await self.http.fetch(
+                self.url + path, method=method, raise_error=False, request_timeout=60,
+                headers={"Authorization": f"Bearer {tok(user)}",
+                         "Content-Type": "application/json"},
+                body=orjson.dumps(body) if body is not None else None,
+            )  # fmt: skip
+            code = resp.code
+        except HTTPClientError as exc:
+            code = exc.code
+        return code, time.perf_counter() - t
+
+    async def sockets(self) -> int:
+        resp = await self.http.fetch(self.url + "/metrics", raise_error=False, request_timeout=300)
+        m = re.search(rb"^chatd_sockets_connected (\S+)", resp.body, re.M)
+        return int(float(m.group(1))) if m else -1
+
+    async def join_p50(self, sock: RawSocket, rounds: int = 200) -> float:
+        """join-chat (then leave-chat) on chats nobody else is in: the same
+        work at any number of sockets, unless something walks them all."""
+        times = []
+        for i in range(rounds):
+            chat = f"p{i % PROBE_CHATS}"
+            t = time.perf_counter()
+            ack = await sock.call("join-chat", chat)
+            times.append(time.perf_counter() - t)
+            assert ack["ok"], ack
+            await sock.call("leave-chat", chat)
+        return statistics.median(times) * 1000
+
+    async def sample(self, stop: asyncio.Event, path: str, body, out: list) -> None:
+        method = "POST" if body is not None else "GET"
+        while not stop.is_set():
+            code, dt = await self.req(method, path, body)
+            out.append((time.monotonic(), code, dt))
+            await asyncio.sleep(0.02)
+
+    async def main(self) -> dict:
+        a = self.args
+        admin = a.pg
+        db = f"chatd_bench_{secrets.token_hex(4)}"
+        conn = psycopg2.connect(admin)
+        conn.autocommit = True
+        conn.cursor().execute(f'CREATE DATABASE "{db}"')
+        conn.close()
+        db_url = urlunsplit(urlsplit(admin)._replace(path="/" + db))
+        migrations.migrate(db_url)
+        prefix = f"chatd-bench:{secrets.token_hex(4)}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+        env.update({
+            "DATABASE_URL": db_url, "REDIS_URL": a.redis, "ACCESS_TOKEN_SECRET": SECRET,
+            "CHATD_REDIS_PREFIX": prefix, "SOCKETIO_CHANNEL": f"{prefix}:socketio",
+            "CHATPORT": "0", "CHATD_HOST": "127.0.0.1", "LOG_LEVEL": a.log_level,
+            "RATE_LIMIT_SENDS": "1000000/1s", "RATE_LIMIT_EVENTS": "1000000/1s",
+        })  # fmt: skip
+        log_path = Path(f"/tmp/chatd-storm-{os.getpid()}.log")
+        cmd = [sys.executable, "-m", "chatd"]
+        if a.profile:
+            cmd = [sys.executable, str(ROOT / "bench" / "disconnect_storm.py"), "--serve-profiled",
+                   a.profile]  # fmt: skip
+        log = open(log_path, "wb")  # noqa: SIM115
+        chatd = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
+        holder = None
+        r = redis.Redis.from_url(a.redis)
+        try:
+            for _ in range(600):
+                m = re.search(r"listening on http://[^:]+:(\d+)", log_path.read_text())
+                if m:
+                    break
+                if chatd.poll() is not None:
+                    raise RuntimeError(log_path.read_text())
+                await asyncio.sleep(0.05)
+            self.url = f"http://127.0.0.1:{m.group(1)}"
+            for c in [f"c{i}" for i in range(a.chats)] + [f"p{i}" for i in range(PROBE_CHATS)]:
+                code, _ = await self.req("POST", "/chats", {"id": c, "title": "storm",
+                                                           "visibility": "public"})  # fmt: skip
+                assert code == 201, code
+            keepers = []
+            for c in range(a.chats):
+                k = await RawSocket.open(self.url, tok(f"k{c}"))
+                assert (await k.call("join-chat", f"c{c}"))["ok"]
+                keepers.append(k)
+            u0 = await RawSocket.open(self.url, tok("u0"))
+            assert (await u0.call("join-chat", "c0"))["ok"]
+            probe = await RawSocket.open(self.url, tok("probe"))
+            join_small = await self.join_p50(probe)
+            n_small = await self.sockets()
+
+            t = time.monotonic()
+            holder = subprocess.Popen(
+                [sys.executable, __file__, "--hold", self.url, str(a.sockets), str(a.chats)],
+                stdout=subprocess.PIPE, cwd="/tmp",
+            )  # fmt: skip
+            loop = asyncio.get_running_loop()
+            line = await loop.run_in_executor(None, holder.stdout.readline)
+            assert line.startswith(b"ready"), line
+            connect_s = time.monotonic() - t
+            n_big = await self.sockets()
+            join_big = await self.join_p50(probe)
+
+            stop = asyncio.Event()
+            health: list = []
+            sends: list = []
+            samplers = [
+                asyncio.ensure_future(self.sample(stop, "/healthz", None, health)),
+                asyncio.ensure_future(
+                    self.sample(stop, "/chats/c0/messages", {"content": "storm"}, sends)
+                ),
+            ]
+            await asyncio.sleep(1.0)
+            base_h = [dt for _, _, dt in health]
+            base_s = [dt for _, _, dt in sends]
+            health.clear()
+            sends.clear()
+            if a.profile:  # the storm only
+                chatd.send_signal(signal.SIGUSR1)
+            killed = time.monotonic()
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+            # Until chatd reports the sockets gone (and presence settled).
+            online_key = f"{prefix}:{{presence}}:chat:"
+            gone = None
+            while time.monotonic() - killed < 120:
+                await asyncio.sleep(0.1)
+                if await self.sockets() <= n_small:
+                    gone = time.monotonic() - killed
+                    break
+            settled = None
+            if gone is not None:
+                # Presence: the keepers (and u0, who kept a socket) and nobody else.
+                while time.monotonic() - killed < 120:
+                    users = set()
+                    for c in range(a.chats):
+                        users |= {u.decode() for u in r.hkeys(f"{online_key}c{c}")}
+                    if users == {f"k{c}" for c in range(a.chats)} | {"u0"}:
+                        settled = time.monotonic() - killed
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            if a.profile:
+                chatd.send_signal(signal.SIGUSR2)
+            stop.set()
+            await asyncio.gather(*samplers)
+            storm_h = [dt for ts, _, dt in health]
+            storm_s = [dt for ts, code, dt in sends]
+            bad = [code for _, code, _ in health + sends if code not in (200, 201)]
+            result = {
+                "sockets": a.sockets, "chats": a.chats, "connect_s": round(connect_s, 1),
+                "sockets_small": n_small, "sockets_big": n_big,
+                "join_p50_ms_small": round(join_small, 2), "join_p50_ms_big": round(join_big, 2),
+                "disconnects_done_s": None if gone is None else round(gone, 2),
+                "presence_settled_s": None if settled is None else round(settled, 2),
+                "healthz_ms_before": [round(pct(base_h, q) * 1000, 1) for q in (0.5, 0.99)],
+                "send_ms_before": [round(pct(base_s, q) * 1000, 1) for q in (0.5, 0.99)],
+                "healthz_ms_storm_p50_p99_max": [
+                    round(pct(storm_h, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
+                "send_ms_storm_p50_p99_max": [
+                    round(pct(storm_s, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
+                "samples": [len(storm_h), len(storm_s)], "non_2xx": len(bad),
+            }  # fmt: skip
+            for s in [*keepers, u0, probe]:
+                await s.close()
+            return result
+        finally:
+            if holder is not None and holder.poll() is None:
+                holder.kill()
+            chatd.send_signal(signal.SIGTERM)
+            try:
+                chatd.wait(60)
+            except subprocess.TimeoutExpired:
+                chatd.kill()
+            for key in r.scan_iter(match=f"{prefix}*", count=1000):
+                r.delete(key)
+            conn = psycopg2.connect(admin)
+            conn.autocommit = True
+            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            conn.close()
+            if not a.keep_log:
+                log_path.unlink(missing_ok=True)
+            else:
+                print(f"chatd log: {log_path}", file=sys.stderr)
+
+
+def serve_profiled(out: str) -> None:
+    """python -m chatd under cProfile; the profile is written on SIGUSR2."""
+    import cProfile
+
+    from chatd.server import main as chatd_main
+
+    prof = cProfile.Profile()
+
+    def dump(*_):
+        prof.disable()
+        prof.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+    signal.signal(signal.SIGUSR2, dump)
+    chatd_main([])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--hold":
+        asyncio.run(hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-profiled":
+        serve_profiled(sys.argv[2])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sockets", type=int, default=10_000)
+    p.add_argument("--chats", type=int, default=100)
+    p.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "CHATD_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    p.add_argument(
+        "--redis", default=os.environ.get("CHATD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--profile", default="")
+    p.add_argument("--keep-log", action="store_true")
+    args = p.parse_args()
+    print(orjson.dumps(asyncio.run(Run(args).main())).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
