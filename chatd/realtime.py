@@ -353,13 +353,23 @@ class _ClientFaults(logging.Filter):
     /socket.io/``, an unknown session or transport: ERROR the first time), a
     method it does not take, or a handshake chatd refused: the access line
     already shows the 4xx, and chatd logs refused sockets with their reason.
-    Tracebacks (handler errors) and everything else pass."""
+    What python-socketio warns about a client's packets (an ack nobody asked
+    for, a packet for a namespace the socket is not in) becomes chatd's
+    rate-limited "refused from socket" line: a flood of them costs one line a
+    second. Tracebacks (handler errors) and everything else pass."""
 
     _WARNINGS = ("Method %s not supported", "Application rejected connection")
+    _CLIENT_PACKETS = (
+        "%s is not connected to namespace %s",
+        "Unknown callback received, ignoring.",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info:
             return True
+        if record.msg in self._CLIENT_PACKETS:
+            delivery.hostile(record.getMessage(), None)
+            return False
         return record.funcName != "_log_error_once" and record.msg not in self._WARNINGS
 
 
