@@ -32,12 +32,20 @@ def _ts(col: str) -> str:
     return f"""to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 
 
-# The 9 columns of a message, in model.MESSAGE_KEYS order.
+# The 14 columns of a message, in model.MESSAGE_KEYS order (N_MSG). The
+# reactions aggregate comes as its JSON text (model parses it only when it is
+# not empty); pinned is whether pinned_at is set.
 MSG_COLS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.content, m.client_id, "
-    f"{_ts('m.created_at')}, {_ts('m.edited_at')}, m.deleted"
+    f"{_ts('m.created_at')}, {_ts('m.edited_at')}, m.version, m.reply_to, m.reply_count, "
+    "m.reactions::text, m.pinned_at IS NOT NULL, m.deleted"
 )
-CHAT_COLS = f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq"
+N_MSG = 14
+# The 7 columns of a chat (model.chat), version last.
+CHAT_COLS = (
+    f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq, c.version"
+)
+N_CHAT = 7
 MEMBER_COLS = f"cm.user_id, cm.role, {_ts('cm.joined_at')}, cm.last_read_seq"
 
 _UNAVAILABLE = (
@@ -146,8 +154,8 @@ class SQL:
             ON CONFLICT DO NOTHING
             RETURNING user_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
-            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s FROM c
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
+            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s, version FROM c
             RETURNING *
         )
         SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
@@ -180,7 +188,8 @@ class SQL:
                                       AND d.client_id = i.client_id))
         ), bump AS (
             UPDATE chats
-               SET last_seq = last_seq + (SELECT count(*) FROM ok), version = version + 1
+               SET last_seq = last_seq + (SELECT count(*) FROM ok),
+                   version = version + (SELECT count(*) FROM ok)
              WHERE id = %(chat_id)s AND EXISTS (SELECT 1 FROM ok)
          RETURNING last_seq, version, visibility
         ), j AS (
@@ -188,9 +197,10 @@ class SQL:
             SELECT DISTINCT %(chat_id)s, ok.sender_id FROM ok, bump WHERE bump.visibility = 'public'
             ON CONFLICT DO NOTHING
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
             SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
-                   ok.sender_id, ok.content, ok.client_id
+                   ok.sender_id, ok.content, ok.client_id,
+                   bump.version - (SELECT count(*) FROM ok) + ok.n
               FROM ok, bump
             RETURNING *
         )
@@ -230,8 +240,8 @@ class SQL:
             ON CONFLICT DO NOTHING
             RETURNING chat_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
-            SELECT id, last_seq, sender_id, content, client_id FROM c
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
+            SELECT id, last_seq, sender_id, content, client_id, version FROM c
             RETURNING *
         )
         SELECT c.ord, {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j WHERE j.chat_id = c.id)
@@ -285,32 +295,275 @@ class SQL:
           LEFT JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = %(user_id)s
          WHERE m.id = %(id)s"""
 
-    # Delete and edit bump the chat's version in the same statement, which is
-    # what keeps the page cache honest (see sql/001_schema.sql). Deleting erases
-    # the content; the row stays as a tombstone so seq stays gapless.
-    DELETE = f"""
-        WITH m AS (
-            UPDATE messages SET deleted = true, content = NULL
-             WHERE id = %(id)s AND NOT deleted
-         RETURNING *
-        ), v AS (
-            UPDATE chats c SET version = c.version + 1
-              FROM m WHERE c.id = m.chat_id
-         RETURNING c.version
-        )
-        SELECT {MSG_COLS}, v.version FROM m, v"""
+    # -- changes to existing messages (version 2) --------------------------
+    #
+    # Each runs as "LOCK; CHANGE" in ONE round trip (see Storage._change):
+    # LOCK takes the chat row's lock, which every change to the chat's
+    # messages takes first (sends too), and CHANGE then runs with a snapshot
+    # taken under that lock, so what it reads (the reactions, the pin count,
+    # the parent of a reply) cannot move underneath it. CHANGE bumps
+    # chats.version by the number of messages it changes and sets each
+    # changed message's version from it in the same statement (one change,
+    # one version), which also keeps the page cache honest (sql/001).
+    #
+    # Each answers rows of (what, MSG_COLS): 'm' the changed message, 'p' its
+    # parent changed with it (reply_count), 'same' the message as it is when
+    # nothing changed, 'full' the same when a limit refused the change. No
+    # row: no such (live, where it matters) message in that chat.
+    LOCK = "SELECT 1 FROM chats WHERE id = %(chat_id)s FOR UPDATE"
 
+    # Deleting erases the content, the reactions, the pin and the edit
+    # history; the row stays as a tombstone so seq stays gapless. A deleted
+    # reply also changes its parent's reply_count (and so its version).
+    DELETE = f"""
+        WITH t AS (
+            SELECT id, reply_to FROM messages
+             WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1 + (t.reply_to IS NOT NULL)::int
+              FROM t WHERE c.id = %(chat_id)s
+         RETURNING c.version, t.reply_to
+        ), r AS (
+            DELETE FROM reactions WHERE message_id IN (SELECT id FROM t)
+        ), e AS (
+            DELETE FROM message_edits WHERE message_id IN (SELECT id FROM t)
+        ), m AS (
+            UPDATE messages m
+               SET deleted = true, content = NULL, reactions = '[]', pinned_at = NULL,
+                   version = v.version - (v.reply_to IS NOT NULL)::int
+              FROM v WHERE m.id = %(id)s
+         RETURNING m.*
+        ), p AS (
+            UPDATE messages m
+               SET reply_count = m.reply_count - 1, version = v.version
+              FROM v WHERE m.id = v.reply_to
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL SELECT 'p', {MSG_COLS} FROM p AS m"""
+
+    # An edit keeps the text it replaces (with when that text was written) in
+    # message_edits. The same text again changes nothing.
     EDIT = f"""
-        WITH m AS (
-            UPDATE messages SET content = %(content)s, edited_at = now()
-             WHERE id = %(id)s AND NOT deleted
-         RETURNING *
+        WITH t AS (
+            SELECT id, content, coalesce(edited_at, created_at) AS at FROM messages
+             WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
+               AND content <> %(content)s
         ), v AS (
             UPDATE chats c SET version = c.version + 1
-              FROM m WHERE c.id = m.chat_id
+              FROM t WHERE c.id = %(chat_id)s
          RETURNING c.version
+        ), h AS (
+            INSERT INTO message_edits (message_id, content, at) SELECT id, content, at FROM t
+        ), m AS (
+            UPDATE messages m SET content = %(content)s, edited_at = now(), version = v.version
+              FROM v WHERE m.id = %(id)s
+         RETURNING m.*
         )
-        SELECT {MSG_COLS}, v.version FROM m, v"""
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL
+        SELECT 'same', {MSG_COLS} FROM messages m
+         WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT m.deleted
+           AND NOT EXISTS (SELECT 1 FROM t)"""
+
+    # The aggregate the message JSON shows, from the rows of ``r`` (the
+    # message's reactions after the change): per emoji in order of
+    # emoji_since, the exact count and the first 20 users by reaction id.
+    _AGGREGATE = """
+        SELECT coalesce(json_agg(json_build_object('emoji', e.emoji, 'count', e.n,
+                                                   'users', e.users) ORDER BY e.since),
+                        '[]'::json) AS j
+          FROM (SELECT emoji, min(emoji_since) AS since, count(*) AS n,
+                       (array_agg(user_id ORDER BY id))[1:20] AS users
+                  FROM r GROUP BY emoji) e"""
+
+    # The caller reacts: only to a live message, once per emoji, and with at
+    # most 20 different emoji per message ('full' otherwise).
+    REACT = f"""
+        WITH t AS (
+            SELECT id FROM messages
+             WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
+        ), old AS (
+            SELECT x.emoji, x.user_id, x.id, x.emoji_since FROM reactions x
+             WHERE x.message_id = %(id)s
+        ), ok AS (
+            SELECT t.id FROM t
+             WHERE NOT EXISTS (SELECT 1 FROM old WHERE emoji = %(emoji)s AND user_id = %(user_id)s)
+               AND (EXISTS (SELECT 1 FROM old WHERE emoji = %(emoji)s)
+                    OR (SELECT count(DISTINCT emoji) FROM old) < %(max_emoji)s)
+        ), ins AS (
+            INSERT INTO reactions (message_id, emoji, user_id, emoji_since)
+            SELECT ok.id, %(emoji)s, %(user_id)s,
+                   coalesce((SELECT min(emoji_since) FROM old WHERE emoji = %(emoji)s),
+                            nextval('reactions_id_seq'))
+              FROM ok
+         RETURNING emoji, user_id, id, emoji_since
+        ), r AS (
+            SELECT * FROM old UNION ALL SELECT * FROM ins
+        ), agg AS ({_AGGREGATE}
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+              FROM ins WHERE c.id = %(chat_id)s
+         RETURNING c.version
+        ), m AS (
+            UPDATE messages m SET reactions = agg.j, version = v.version
+              FROM v, agg WHERE m.id = %(id)s
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM ok) THEN 'same' ELSE
+                    CASE WHEN EXISTS (SELECT 1 FROM old WHERE emoji = %(emoji)s
+                                                          AND user_id = %(user_id)s)
+                         THEN 'same' ELSE 'full' END END,
+               {MSG_COLS}
+          FROM messages m
+         WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT m.deleted
+           AND NOT EXISTS (SELECT 1 FROM ins)"""
+
+    # The caller's reaction off (a tombstone has none: 'same').
+    UNREACT = f"""
+        WITH gone AS (
+            DELETE FROM reactions x
+             USING messages t
+             WHERE x.message_id = %(id)s AND x.emoji = %(emoji)s AND x.user_id = %(user_id)s
+               AND t.id = x.message_id AND t.chat_id = %(chat_id)s
+         RETURNING x.id
+        ), r AS (
+            SELECT x.emoji, x.user_id, x.id, x.emoji_since FROM reactions x
+             WHERE x.message_id = %(id)s AND x.id NOT IN (SELECT id FROM gone)
+        ), agg AS ({_AGGREGATE}
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+             WHERE c.id = %(chat_id)s AND EXISTS (SELECT 1 FROM gone)
+         RETURNING c.version
+        ), m AS (
+            UPDATE messages m SET reactions = agg.j, version = v.version
+              FROM v, agg WHERE m.id = %(id)s
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL
+        SELECT 'same', {MSG_COLS} FROM messages m
+         WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT EXISTS (SELECT 1 FROM gone)"""
+
+    # Pin a live message; at most max_pins pinned per chat ('full').
+    PIN = f"""
+        WITH t AS (
+            SELECT id, pinned_at IS NOT NULL AS pinned FROM messages
+             WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
+        ), room AS (
+            SELECT count(*) < %(max_pins)s AS ok FROM messages
+             WHERE chat_id = %(chat_id)s AND pinned_at IS NOT NULL
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+              FROM t, room WHERE c.id = %(chat_id)s AND NOT t.pinned AND room.ok
+         RETURNING c.version
+        ), m AS (
+            UPDATE messages m SET pinned_at = clock_timestamp(), version = v.version
+              FROM v WHERE m.id = %(id)s
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL
+        SELECT CASE WHEN t.pinned THEN 'same' ELSE 'full' END, {MSG_COLS}
+          FROM messages m, t WHERE m.id = t.id AND NOT EXISTS (SELECT 1 FROM v)"""
+
+    # Unpin (a tombstone is never pinned: 'same').
+    UNPIN = f"""
+        WITH t AS (
+            SELECT id FROM messages
+             WHERE id = %(id)s AND chat_id = %(chat_id)s AND pinned_at IS NOT NULL
+        ), v AS (
+            UPDATE chats c SET version = c.version + 1
+              FROM t WHERE c.id = %(chat_id)s
+         RETURNING c.version
+        ), m AS (
+            UPDATE messages m SET pinned_at = NULL, version = v.version
+              FROM v WHERE m.id = %(id)s
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS} FROM m
+        UNION ALL
+        SELECT 'same', {MSG_COLS} FROM messages m
+         WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT EXISTS (SELECT 1 FROM t)"""
+
+    # A reply: SEND's rule, plus the parent (a live message of the same chat,
+    # checked under the chat's lock) gets reply_count + 1. Two versions: the
+    # new message the first, its parent the second.
+    SEND_REPLY = f"""
+        WITH parent AS (
+            SELECT id FROM messages
+             WHERE id = %(reply_to)s AND chat_id = %(chat_id)s AND NOT deleted
+        ), c AS (
+            UPDATE chats
+               SET last_seq = last_seq + 1, version = version + 2
+             WHERE id = %(chat_id)s AND EXISTS (SELECT 1 FROM parent)
+               AND (visibility = 'public'
+                    OR EXISTS (SELECT 1 FROM chat_members
+                                WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s))
+         RETURNING id, last_seq, version, visibility
+        ), j AS (
+            INSERT INTO chat_members (chat_id, user_id)
+            SELECT id, %(user_id)s FROM c WHERE visibility = 'public'
+            ON CONFLICT DO NOTHING
+            RETURNING user_id
+        ), m AS (
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version, reply_to)
+            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s, version - 1,
+                   %(reply_to)s
+              FROM c
+            RETURNING *
+        ), p AS (
+            UPDATE messages m SET reply_count = m.reply_count + 1, version = c.version
+              FROM c WHERE m.id = %(reply_to)s
+         RETURNING m.*
+        )
+        SELECT 'm', {MSG_COLS}, EXISTS (SELECT 1 FROM j) FROM m
+        UNION ALL SELECT 'p', {MSG_COLS}, false FROM p AS m
+        UNION ALL SELECT 'noparent', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                         NULL, NULL, NULL, NULL, NULL, false
+         WHERE NOT EXISTS (SELECT 1 FROM parent)
+           AND EXISTS (SELECT 1 FROM chats x
+                        WHERE x.id = %(chat_id)s
+                          AND (x.visibility = 'public'
+                               OR EXISTS (SELECT 1 FROM chat_members
+                                           WHERE chat_id = x.id AND user_id = %(user_id)s)))"""
+
+    # Exact sync: the messages changed since a version, ascending, one range
+    # read on messages_chat_version, with the chat's version and last_seq
+    # from the same snapshot.
+    CHANGES = f"""
+        SELECT c.version, c.last_seq, {MSG_COLS}
+          FROM chats c
+          LEFT JOIN LATERAL (
+              SELECT * FROM messages
+               WHERE chat_id = c.id AND version > %(since)s
+               ORDER BY version LIMIT %(limit)s) m ON true
+         WHERE c.id = %(chat_id)s
+         ORDER BY m.version"""
+
+    REPLIES = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.reply_to = %(id)s AND m.seq > %(after)s AND NOT m.deleted
+         ORDER BY m.seq LIMIT %(limit)s"""
+
+    # The texts a message had, oldest first, then its current one.
+    HISTORY_OF = f"""
+        SELECT content, {_ts("at")} FROM (
+            SELECT e.content, e.at, e.id FROM message_edits e WHERE e.message_id = %(id)s
+            UNION ALL
+            SELECT m.content, coalesce(m.edited_at, m.created_at), 9223372036854775807
+              FROM messages m WHERE m.id = %(id)s AND NOT m.deleted) h
+         ORDER BY h.id"""
+
+    PINS = f"""
+        SELECT {MSG_COLS} FROM messages m
+         WHERE m.chat_id = %(chat_id)s AND m.pinned_at IS NOT NULL
+         ORDER BY m.pinned_at DESC, m.id DESC LIMIT %(limit)s"""
+
+    # The one message row (MSG_COLS), whatever its state.
+    MESSAGE = f"SELECT {MSG_COLS} FROM messages m WHERE m.id = %(id)s"
 
     CREATE_CHAT = f"""
         INSERT INTO chats AS c (id, title, visibility, created_by)
@@ -351,7 +604,7 @@ class SQL:
         INSERT INTO chat_members AS cm (chat_id, user_id, role)
         VALUES (%(chat_id)s, %(user_id)s, %(role)s)
         ON CONFLICT (chat_id, user_id) DO UPDATE SET role = EXCLUDED.role
-        RETURNING {MEMBER_COLS}"""
+        RETURNING {MEMBER_COLS}, xmax = 0"""
     MEMBER = f"""
         SELECT {MEMBER_COLS} FROM chat_members cm
          WHERE cm.chat_id = %(chat_id)s AND cm.user_id = %(user_id)s"""
@@ -404,6 +657,15 @@ class Q:
     CACHE_FILL = Stmt("chatd_cache_fill", SQL.CACHE_FILL)
     LATEST = Stmt("chatd_latest", SQL.LATEST)
     MESSAGE_ACCESS = Stmt("chatd_message_access", SQL.MESSAGE_ACCESS)
+    LOCK = Stmt("chatd_lock", SQL.LOCK)
+    EDIT = Stmt("chatd_edit", SQL.EDIT)
+    DELETE = Stmt("chatd_delete", SQL.DELETE)
+    REACT = Stmt("chatd_react", SQL.REACT)
+    UNREACT = Stmt("chatd_unreact", SQL.UNREACT)
+    PIN = Stmt("chatd_pin", SQL.PIN)
+    UNPIN = Stmt("chatd_unpin", SQL.UNPIN)
+    SEND_REPLY = Stmt("chatd_send_reply", SQL.SEND_REPLY)
+    CHANGES = Stmt("chatd_changes", SQL.CHANGES)
     HISTORY = _history_variants()
 
     @classmethod
@@ -491,8 +753,9 @@ class _Sends(Coalescer):
         else:
             for row in rows:
                 results[together[row[0] - 1]] = Sent(
-                    row=row[1:10], created=True, version=row[10], joined=row[11]
-                )
+                    row=row[1 : N_MSG + 1], created=True, version=row[N_MSG + 1],
+                    joined=row[N_MSG + 2],
+                )  # fmt: skip
         for i, call in enumerate(calls):  # the same chat again: after, on its own
             if first[call[0]] != i:
                 results[i] = await self._call_alone(call)
@@ -631,7 +894,7 @@ class Storage:
             return Sent(row=original, created=False)
         if row is None:
             return None
-        return Sent(row=row[:9], created=True, version=row[9], joined=row[10])
+        return Sent(row=row[:N_MSG], created=True, version=row[N_MSG], joined=row[N_MSG + 1])
 
     async def send_batch(
         self, chat_id: str, items: list[tuple[str, str, str | None]]
@@ -653,8 +916,8 @@ class Storage:
             rows = await self._all(Q.SEND_BATCH, params)
         except psycopg2.errors.UniqueViolation:
             return None
-        created = [r[:9] for r in rows]
-        version = rows[0][9] if rows else 0
+        created = [r[:N_MSG] for r in rows]
+        version = rows[0][N_MSG] if rows else 0
         originals: dict[tuple[str, str], tuple] = {}
         made = {(r[3], r[5]) for r in created if r[5] is not None}
         wanted = [(s, c) for s, _, c in items if c is not None and (s, c) not in made]
@@ -705,14 +968,91 @@ class Storage:
         row = await self._one(Q.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
         return MessageAccess(*row) if row else None
 
-    async def delete_message(self, message_id: int) -> tuple[tuple, int] | None:
-        """(tombstone row, version); None if it was already deleted."""
-        row = await self._one(SQL.DELETE, {"id": message_id})
-        return (row[:9], row[9]) if row else None
+    async def _change(self, stmt: Stmt, params: dict) -> list[tuple]:
+        """LOCK then ``stmt`` in one round trip and one transaction (a
+        multi-statement query runs as one): rows of (what, MSG_COLS...)."""
+        async with self._cursor() as cur:
+            if getattr(cur.connection, "chatd_prepared", False):
+                await cur.execute(
+                    f"{Q.LOCK.execute};{stmt.execute}", [*Q.LOCK.args(params), *stmt.args(params)]
+                )
+            else:
+                await cur.execute(f"{SQL.LOCK};{stmt.sql}", params)
+            return await cur.fetchall()
 
-    async def edit_message(self, message_id: int, content: str) -> tuple[tuple, int] | None:
-        row = await self._one(SQL.EDIT, {"id": message_id, "content": content})
-        return (row[:9], row[9]) if row else None
+    async def delete_message(self, chat_id: str, message_id: int) -> list[tuple]:
+        """('m', tombstone) and ('p', parent) when it was a reply; [] if it
+        was already deleted."""
+        return await self._change(Q.DELETE, {"chat_id": chat_id, "id": message_id})
+
+    async def edit_message(self, chat_id: str, message_id: int, content: str) -> list[tuple]:
+        return await self._change(
+            Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content}
+        )
+
+    async def react(self, chat_id: str, message_id: int, user_id: str, emoji: str,
+                    max_emoji: int) -> list[tuple]:  # fmt: skip
+        params = {"chat_id": chat_id, "id": message_id, "user_id": user_id, "emoji": emoji,
+                  "max_emoji": max_emoji}  # fmt: skip
+        return await self._change(Q.REACT, params)
+
+    async def unreact(self, chat_id: str, message_id: int, user_id: str, emoji: str) -> list:
+        params = {"chat_id": chat_id, "id": message_id, "user_id": user_id, "emoji": emoji}
+        return await self._change(Q.UNREACT, params)
+
+    async def pin(self, chat_id: str, message_id: int, max_pins: int) -> list[tuple]:
+        return await self._change(
+            Q.PIN, {"chat_id": chat_id, "id": message_id, "max_pins": max_pins}
+        )
+
+    async def unpin(self, chat_id: str, message_id: int) -> list[tuple]:
+        return await self._change(Q.UNPIN, {"chat_id": chat_id, "id": message_id})
+
+    async def send_reply(self, chat_id: str, user_id: str, content: str, client_id: str | None,
+                         reply_to: int) -> tuple[Sent, tuple | None] | str | None:  # fmt: skip
+        """A reply and its parent's new row: (Sent, parent row); a repeated
+        client_id: (Sent of the original, None); "noparent" when reply_to is
+        not a live message of the chat; None when the sender may not post."""
+        params = {"chat_id": chat_id, "user_id": user_id, "content": content,
+                  "client_id": client_id, "reply_to": reply_to}  # fmt: skip
+        try:
+            rows = await self._change(Q.SEND_REPLY, params)
+        except psycopg2.errors.UniqueViolation:
+            if client_id is None:
+                raise
+            original = await self._one(Q.BY_CLIENT_ID, params)
+            if original is None:  # pragma: no cover - the index just said it exists
+                raise
+            return Sent(row=original, created=False), None
+        if not rows:
+            return None
+        if rows[0][0] == "noparent":
+            return "noparent"
+        by = {r[0]: r for r in rows}
+        sent = Sent(row=by["m"][1 : N_MSG + 1], created=True, version=by["m"][1 + 8],
+                    joined=by["m"][N_MSG + 1])  # fmt: skip
+        return sent, by["p"][1 : N_MSG + 1]
+
+    async def changes(self, chat_id: str, since: int, limit: int
+                      ) -> tuple[int, int, list[tuple]] | None:  # fmt: skip
+        """(chat version, last_seq, messages with version > since ascending)
+        from one snapshot; None: no chat."""
+        rows = await self._all(Q.CHANGES, {"chat_id": chat_id, "since": since, "limit": limit})
+        if not rows:
+            return None
+        return rows[0][0], rows[0][1], [r[2:] for r in rows if r[2] is not None]
+
+    async def replies(self, message_id: int, after_seq: int, limit: int) -> list[tuple]:
+        return await self._all(SQL.REPLIES, {"id": message_id, "after": after_seq, "limit": limit})
+
+    async def edit_history(self, message_id: int) -> list[tuple]:
+        return await self._all(SQL.HISTORY_OF, {"id": message_id})
+
+    async def pins(self, chat_id: str, limit: int) -> list[tuple]:
+        return await self._all(SQL.PINS, {"chat_id": chat_id, "limit": limit})
+
+    async def message(self, message_id: int) -> tuple | None:
+        return await self._one(SQL.MESSAGE, {"id": message_id})
 
     async def create_chat(
         self, chat_id: str, title: str, visibility: str, created_by: str, members: list[str]
@@ -749,12 +1089,13 @@ class Storage:
         row = await self._one(SQL.OWNERS, {"chat_id": chat_id})
         return row[0] if row else 0
 
-    async def upsert_member(self, chat_id: str, user_id: str, role: str) -> tuple:
+    async def upsert_member(self, chat_id: str, user_id: str, role: str) -> tuple[tuple, bool]:
+        """(member row, whether the user was not a member before)."""
         row = await self._one(
             SQL.UPSERT_MEMBER, {"chat_id": chat_id, "user_id": user_id, "role": role}
         )
         assert row is not None
-        return row
+        return row[:4], row[4]
 
     async def remove_member(self, chat_id: str, user_id: str) -> bool:
         return (
