@@ -404,11 +404,13 @@ class ChatService:
             for q in items:
                 await _settle(q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id))
         else:
-            created, version, originals = result
+            created, version, originals, joined = result
             messages = [model.message(r) for r in created]
             raws = [dumps(m) for m in messages]
             if created:
                 await self._announce(chat_id, version, messages, raws)
+            if joined:
+                await self._joined(chat_id, sorted(joined))
             # Created rows come back in input order (seq follows ordinality),
             # so one walk pairs each item with its row, its original or a refusal.
             i = 0

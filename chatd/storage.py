@@ -196,6 +196,7 @@ class SQL:
             INSERT INTO chat_members (chat_id, user_id)
             SELECT DISTINCT %(chat_id)s, ok.sender_id FROM ok, bump WHERE bump.visibility = 'public'
             ON CONFLICT DO NOTHING
+            RETURNING user_id
         ), m AS (
             INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
             SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
@@ -204,7 +205,8 @@ class SQL:
               FROM ok, bump
             RETURNING *
         )
-        SELECT {MSG_COLS}, bump.version FROM m, bump ORDER BY m.seq"""
+        SELECT {MSG_COLS}, bump.version, EXISTS (SELECT 1 FROM j WHERE j.user_id = m.sender_id)
+          FROM m, bump ORDER BY m.seq"""
 
     # Sends to several chats, one each (the uncontended sends of one loop
     # iteration; see Storage.send), in one statement: one transaction, one
@@ -898,11 +900,12 @@ class Storage:
 
     async def send_batch(
         self, chat_id: str, items: list[tuple[str, str, str | None]]
-    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple]] | None:
+    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple], set[str]] | None:
         """Insert several (sender, content, client_id) into one chat at once.
 
         Returns (created rows in seq order, new version, originals of repeated
-        client_ids keyed by (sender, client_id)); items in neither were refused
+        client_ids keyed by (sender, client_id), senders the batch made members
+        of a public chat); items in neither were refused
         (sender may not post, or no such chat). None when a concurrent repeat
         hit the unique index: the caller falls back to one send per item.
         """
@@ -918,6 +921,7 @@ class Storage:
             return None
         created = [r[:N_MSG] for r in rows]
         version = rows[0][N_MSG] if rows else 0
+        joined = {r[3] for r in rows if r[N_MSG + 1]}
         originals: dict[tuple[str, str], tuple] = {}
         made = {(r[3], r[5]) for r in created if r[5] is not None}
         wanted = [(s, c) for s, _, c in items if c is not None and (s, c) not in made]
@@ -931,7 +935,7 @@ class Storage:
                 },
             )
             originals = {(r[3], r[5]): r for r in found}
-        return created, version, originals
+        return created, version, originals, joined
 
     async def history(
         self,
