@@ -11,6 +11,8 @@
  * react:   32 users react and unreact (PUT / DELETE /messages/{id}/reactions/{emoji})
  *          on the newest 50 messages of one chat; then checks that every message's
  *          aggregate is exact (count and users against what each user last did).
+ * edit:    the same 32 users editing their own messages among the newest 50 of one
+ *          chat (PATCH /messages/{id}): what a reaction is measured against.
  * changes: a chat with 500 changes (sends, edits, reactions); readers catch up
  *          with GET /chats/{id}/changes?since_version=0&limit=500, and each answer
  *          is checked (500 messages, ascending versions, has_more false).
@@ -21,7 +23,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const { performance } = require('node:perf_hooks');
 
-const KIT = process.env.CHATD_BENCH_KIT || path.join(__dirname, '.kit', 'load');
+const KIT = path.resolve(process.env.CHATD_BENCH_KIT || path.join(__dirname, '.kit', 'load'));
 const L = require(path.join(KIT, 'lib'));
 const { Pool } = require(path.join(KIT, 'node_modules', 'undici'));
 
@@ -38,8 +40,8 @@ const o = L.parseArgs(argv, {
   changes: 500,
 });
 L.assertLoopback(o.url);
-if (!['react', 'changes'].includes(o.scenario)) {
-  console.error('conversations.js: --scenario must be react or changes');
+if (!['react', 'edit', 'changes'].includes(o.scenario)) {
+  console.error('conversations.js: --scenario must be react, edit or changes');
   process.exit(2);
 }
 const RUN = L.runId();
@@ -128,6 +130,29 @@ async function scenarioReact() {
   return finish(res, { messages: o.messages, aggregate_check: mismatches ? `FAIL ${mismatches}` : 'ok' });
 }
 
+async function scenarioEdit() {
+  const owner = `${RUN}-owner`;
+  const users = Array.from({ length: o.concurrency }, (_, i) => `${RUN}-u${i}`);
+  const chat = `${RUN}-edit`;
+  await must('POST', '/chats', owner, { id: chat, title: 'edit', members: users }, 201);
+  const mine = users.map(() => []);
+  for (let k = 0; k < o.messages; k++) {
+    const i = k % users.length;
+    mine[i].push((await must('POST', `/chats/${chat}/messages`, users[i], { content: `m${k}` }, 201)).id);
+  }
+  const res = await timed(async (i, n) => {
+    const id = mine[i][n % mine[i].length];
+    const r = await pool.request({
+      path: `/messages/${id}`, method: 'PATCH',
+      headers: { authorization: `Bearer ${tok(users[i])}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ content: `edit ${i} ${n}` }),
+    });
+    await r.body.dump();
+    return r.statusCode === 200;
+  });
+  return finish(res, { messages: o.messages });
+}
+
 async function scenarioChanges() {
   const owner = `${RUN}-owner`;
   const readers = Array.from({ length: o.concurrency }, (_, i) => `${RUN}-r${i}`);
@@ -174,7 +199,7 @@ function summarize(files) {
     for (const line of fs.readFileSync(f, 'utf8').split('\n')) {
       if (!line.startsWith('{')) continue;
       const j = JSON.parse(line);
-      if (j.scenario === 'react' || j.scenario === 'changes') rows.push(j);
+      if (['react', 'edit', 'changes'].includes(j.scenario)) rows.push({ ...j, label: String(j.label) });
     }
   }
   const median = (xs) => {
@@ -197,7 +222,8 @@ function summarize(files) {
 
 (async () => {
   const at = new Date().toISOString();
-  const res = o.scenario === 'react' ? await scenarioReact() : await scenarioChanges();
+  const fn = { react: scenarioReact, edit: scenarioEdit, changes: scenarioChanges }[o.scenario];
+  const res = await fn();
   const line = JSON.stringify({ scenario: o.scenario, label: o.label || null, ...res, run_id: RUN, at, load: require('node:os').loadavg().map(r2) });
   process.stdout.write(line + '\n');
   if (o.out) fs.appendFileSync(o.out, line + '\n');
