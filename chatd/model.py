@@ -36,7 +36,7 @@ _REACTIONS = MESSAGE_KEYS.index("reactions")
 
 
 def message(row: tuple) -> dict[str, Any]:
-    """A message object from the 14 columns of storage.MSG_COLS."""
+    """A message object from the 14 columns of queries.MSG_COLS."""
     out = dict(zip(MESSAGE_KEYS, row[:N_MSG], strict=True))
     reactions = row[_REACTIONS]
     # Text from PostgreSQL; most messages have none, so parse only when needed.
