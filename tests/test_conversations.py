@@ -594,6 +594,10 @@ async def test_authorisation_matrix(url, api, chat_id):
                 if resp.status == 404:
                     assert resp.error_code in ("chat_not_found", "message_not_found")
     assert got == want
+    # Refused calls changed nothing: 1 send, react + unreact by 3 members, and
+    # one pin and one unpin (the admin's second pin / unpin change nothing).
+    for cid in (priv, pub):
+        assert (await api.get(f"/chats/{cid}")).json["version"] == 1 + 6 + 2
     # The react event, as a non-member of each.
     eve = await connect(url, "eve")
     try:
