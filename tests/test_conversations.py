@@ -9,6 +9,9 @@ import asyncio
 from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from .helpers import SocketClient
 from .helpers import pg_query as sql
@@ -684,3 +687,101 @@ async def test_changes_committed_during_the_join_are_shown_exactly_once(
         assert [(d["id"], d["version"]) for d in bob.of("message-updated")] == [(b["id"], 4)]
     finally:
         await bob.close()
+
+
+# -- fuzzing the version 2 inputs ------------------------------------------------------
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**62), 2**62)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_random_version_2_socket_payloads_get_error_acks_never_internal(url, api, chat_id):
+    await api.create_chat(chat_id, visibility="public")
+    msg = await sent(api, chat_id, "target")
+    payloads: list[tuple[str, object]] = []
+    shaped = {
+        "react": st.fixed_dictionaries(
+            {"message_id": st.just(msg["id"]) | _json},
+            optional={"emoji": st.text(max_size=12) | _json, "remove": _json},
+        ),
+        "join-chat": st.fixed_dictionaries(
+            {"chat_id": st.just(chat_id) | _json},
+            optional={"since_version": _json, "since_seq": _json},
+        ),
+        "send-message": st.fixed_dictionaries(
+            {"chat_id": st.just(chat_id), "content": st.just("x")},
+            optional={"reply_to": st.just(msg["id"]) | _json},
+        ),
+    }
+
+    @hsettings(max_examples=150, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(data=st.data(), event=st.sampled_from(sorted(shaped)))
+    def collect(data, event):
+        payloads.append((event, data.draw(shaped[event] | _json)))
+
+    collect()
+    client = await connect(url, "alice")
+    try:
+        for event, payload in payloads:
+            ack = await client.call(event, payload)
+            assert isinstance(ack, dict) and isinstance(ack.get("ok"), bool), (event, payload)
+            if not ack["ok"]:
+                assert ack["error"]["code"] in (
+                    "validation_error", "chat_not_found", "message_not_found", "conflict"
+                ), (event, payload, ack)  # fmt: skip
+    finally:
+        await client.close()
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_random_version_2_paths_and_queries_never_make_a_500(api, chat_id):
+    await api.create_chat(chat_id, visibility="public")
+    msg = await sent(api, chat_id, "target")
+    seen: list[tuple[str, str]] = []
+    segment = st.text(min_size=1, max_size=60) | st.sampled_from(
+        [chat_id, str(msg["id"]), "0", "-1", "👍", ":ok:", "%", "..", "9" * 30]
+    )
+    value = st.text(max_size=20) | st.integers().map(str)
+
+    @hsettings(max_examples=200, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(
+        seg=segment,
+        other=segment,
+        q=st.dictionaries(
+            st.sampled_from(["limit", "since_version", "after_seq"]), value, max_size=2
+        ),
+        route=st.integers(0, 8),
+    )
+    def collect(seg, other, q, route):
+        s, o = quote(seg, safe=""), quote(other, safe="")
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in q.items())
+        seen.append([
+            ("GET", f"/chats/{s}/changes?{query}"),
+            ("GET", f"/messages/{s}/replies?{query}"),
+            ("GET", f"/messages/{s}/history"),
+            ("PUT", f"/messages/{s}/reactions/{o}"),
+            ("DELETE", f"/messages/{s}/reactions/{o}"),
+            ("PUT", f"/chats/{s}/pins/{o}"),
+            ("DELETE", f"/chats/{s}/pins/{o}"),
+            ("GET", f"/chats/{s}/pins"),
+            ("PUT", f"/messages/{msg['id']}/reactions/{s}"),
+        ][route])  # fmt: skip
+
+    collect()
+    for method, path in seen:
+        resp = await api.request(method, path)
+        assert resp.status < 500, (method, path, resp)
+        if resp.status >= 400:
+            assert set(resp.json) == {"error"}, (method, path, resp)
