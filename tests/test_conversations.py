@@ -495,14 +495,21 @@ async def test_pins_by_owners_and_admins_most_recent_first_at_most_50(url, api, 
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_the_cached_page_shows_every_reaction_pin_and_reply_count(api, chat_id):
+async def test_the_cached_page_shows_every_reaction_pin_and_reply_count(chatd, api, chat_id):
     await api.create_chat(chat_id, members=["bob"])
     msgs = [await sent(api, chat_id, f"m{i}") for i in range(3)]
     path = f"/chats/{chat_id}/messages?limit=10"
     assert len((await api.get(path)).json["messages"]) == 3  # fills the cache
+    await asyncio.sleep(0.2)  # the fill is written in the background
+    cache = chatd.domain.cache
+    misses = cache.misses
     await api.put(f"/messages/{msgs[1]['id']}/reactions/{r('🎉')}", user="bob")
+    assert (await api.get(path)).json["messages"][1]["reactions"][0]["emoji"] == "🎉"
     await api.put(f"/chats/{chat_id}/pins/{msgs[2]['id']}")
+    assert (await api.get(path)).json["messages"][2]["pinned"] is True
     await sent(api, chat_id, "reply", reply_to=msgs[0]["id"])
+    # Each change was applied to the cached page in place: no read missed it.
+    assert cache.misses == misses
     for _ in range(2):  # the first read builds the page, the second reads it as built
         page = (await api.get(path)).json["messages"]
         assert page[0]["reply_count"] == 1
