@@ -321,6 +321,10 @@ async def test_reactions_aggregate_exactly_in_first_added_order(url, api, chat_i
         # The page shows the same JSON (one copy for every reader).
         page = (await api.get(f"/chats/{chat_id}/messages", user="carol")).json["messages"]
         assert page == [removed["message"]]
+        # 8 changes, 8 events, versions 2..9; the two no-ops emitted nothing.
+        await settle(bob, api, chat_id)
+        updates = [d["version"] for d in bob.of("message-updated")]
+        assert updates == list(range(2, 10))
     finally:
         await bob.close()
 
