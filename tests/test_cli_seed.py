@@ -333,3 +333,51 @@ def test_seed_refuses_bad_replies_and_reactions_by_key(chatctl, tmp_path, messag
     result = chatctl("seed", _write(tmp_path, "bad.yaml", text))
     assert result.exit_code == 2, result.output
     assert f"messages[0].{key}" in result.output
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_seed_tells_running_chatd_of_new_chats_reactions_and_replies(
+    chatctl, chatd, tmp_path
+):
+    """Through the write-only emitter: chat-added to the members' sockets, and
+    the reply's parent and each reaction as message-updated, in version order."""
+    a, _ = _ids()
+    client = await SocketClient(f"http://127.0.0.1:{chatd.port}", user="bob").connect()
+    try:
+        path = _write(
+            tmp_path,
+            "live2.yaml",
+            f"""\
+            - id: {a}
+              title: Live
+              members: [{{user: alice, role: owner}}, bob]
+              messages:
+                - {{sender: alice, content: "q", reactions: {{":ok:": [bob]}}}}
+            """,
+        )
+        result = await asyncio.to_thread(chatctl, "seed", path)
+        assert result.exit_code == 0, result.output
+        added = await client.wait_for("chat-added")
+        assert added["chat"]["id"] == a and added["chat"]["title"] == "Live"
+        assert "members" not in added["chat"]
+        assert (await client.call("join-chat", {"chat_id": a, "since_version": 0}))["ok"]
+        path2 = _write(
+            tmp_path,
+            "live3.yaml",
+            f"""\
+            - id: {a}
+              title: Live
+              members: [{{user: alice, role: owner}}, bob]
+              messages:
+                - {{sender: alice, content: "q", reactions: {{":ok:": [bob]}}}}
+                - {{sender: bob, content: "a", reply_to: 0, reactions: {{":ok:": [alice]}}}}
+            """,
+        )
+        result = await asyncio.to_thread(chatctl, "seed", path2)
+        assert result.exit_code == 0, result.output
+        await client.wait_for("message-updated", lambda m: m["content"] == "a")
+        updated = [(m["content"], m["version"]) for m in client.of("message-updated")]
+        assert updated == [("q", 4), ("a", 5)]  # the parent's reply count, then the reaction
+        assert [m["version"] for m in client.of("new-message")] == [3]
+    finally:
+        await client.close()
