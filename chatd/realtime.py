@@ -16,8 +16,11 @@ delivered (each process knows only its own sockets):
 - ``skip_room``: skip every socket in that room, on every process. ``typing``
   skips ``user:{sender}``, so none of the sender's tabs sees its own typing.
 - Per-socket de-duplication of ``new-message`` for sockets that joined a chat
-  with ``since_seq`` (see :meth:`ChatManagerMixin.hold`): API.md promises
-  that join-then-listen leaves no hole *and* shows nothing twice.
+  with ``since_seq`` (see :meth:`ChatManagerMixin.hold`), and of every
+  versioned event (``new-message``, ``message-updated``, ``message-deleted``)
+  by ``version`` for sockets that joined with ``since_version``
+  (:meth:`ChatManagerMixin.hold_versions`): API.md promises that
+  join-then-listen leaves no hole *and* shows nothing twice.
 - Internal events (``INTERNAL_*``) that are never sent to a socket but run a
   hook on every process: a removed member's sockets leave the chat's room
   wherever they are connected.
