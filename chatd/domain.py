@@ -46,7 +46,7 @@ from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not
 from .events import Events, NullEvents
 from .limits import EVENTS, SENDS, RateLimiter
 from .presence import Gate
-from .storage import Access, Storage
+from .storage import Access, Change, Storage
 
 log = logging.getLogger("chatd.domain")
 
@@ -237,6 +237,8 @@ class ChatService:
         self._background: set[asyncio.Task] = set()
         # chat id -> sends queued behind the transaction in flight (group commit)
         self._lanes: dict[str, list[_Queued]] = {}
+        # chat id -> changes queued behind the change in flight (group commit)
+        self._change_lanes: dict[str, list] = {}
         self._order = _Order()
 
     # -- access ---------------------------------------------------------------
@@ -521,13 +523,9 @@ class ChatService:
         """Apply a change statement's answer (storage "LOCK; CHANGE"): each
         changed message, in version order, to the cache and the room. The
         answer is the message the caller named."""
-        if not rows:
-            raise message_not_found()
         mine: Posted | None = None
         for row in sorted(rows, key=lambda r: r[1 + 8] or 0):
             what = row[0]
-            if what == "full":
-                raise Conflict("limit reached")
             if what == "same":
                 message = model.message(row[1:])
                 mine = Posted(message, dumps(message), False)
@@ -546,6 +544,61 @@ class ChatService:
         assert mine is not None
         return mine
 
+    async def _commit(self, chat_id: str, change: Change, limit: str = "") -> Posted | None:
+        """Commit a change to the chat's messages and apply it (cache, events).
+
+        Group commit, as for sends: while a change of this chat is in flight
+        in this process, further ones queue in the chat's change lane and go
+        together in the next transaction (one commit for up to MAX_BATCH; a
+        chat's changes serialise on its row lock anyway, so one commit each
+        would bound a chat to one change per fsync). Each is then applied in
+        order under the chat's _Order. ``limit``: the Conflict message for a
+        'full' answer. None: no such message (or, for a delete, already
+        deleted)."""
+        lane = self._change_lanes.get(chat_id)
+        if lane is not None:
+            future = asyncio.get_running_loop().create_future()
+            lane.append((change, limit, future))
+            return await future
+        self._change_lanes[chat_id] = lane = []
+        try:
+            async with self._order.hold(chat_id):
+                return await self._finish(chat_id, await self.storage.apply(change), limit)
+        finally:
+            if lane:
+                self._spawn(self._drain_changes(chat_id, lane))
+            else:
+                del self._change_lanes[chat_id]
+
+    async def _drain_changes(self, chat_id: str, lane: list) -> None:
+        try:
+            while lane:
+                batch = lane[:MAX_BATCH]
+                del lane[:MAX_BATCH]
+                async with self._order.hold(chat_id):
+                    try:
+                        if len(batch) == 1:
+                            results = [await self.storage.apply(batch[0][0])]
+                        else:
+                            results = await self.storage.apply_together(
+                                chat_id, [change for change, _, _ in batch]
+                            )
+                    except Exception as exc:
+                        for _, _, future in batch:
+                            _fail(future, exc)
+                        continue
+                    for (_, limit, future), rows in zip(batch, results, strict=True):
+                        await _settle(future, self._finish(chat_id, rows, limit))
+        finally:
+            del self._change_lanes[chat_id]
+
+    async def _finish(self, chat_id: str, rows: list[tuple], limit: str) -> Posted | None:
+        if not rows:
+            return None
+        if rows[0][0] == "full":
+            raise Conflict(limit)
+        return await self._changed(chat_id, rows)
+
     async def edit(self, user_id: str, message_id: object, content: object) -> Posted:
         text = validate.content(content, self.max_message_length)
         facts = await self._message_facts(user_id, message_id)
@@ -553,9 +606,12 @@ class ChatService:
             raise Forbidden("only the sender may edit a message")
         if facts.deleted:
             raise message_not_found()
-        async with self._order.hold(facts.chat_id):
-            rows = await self.storage.edit_message(facts.chat_id, facts.id, text)
-            return await self._changed(facts.chat_id, rows)
+        posted = await self._commit(
+            facts.chat_id, self.storage.edit_change(facts.chat_id, facts.id, text)
+        )
+        if posted is None:  # deleted in the meantime
+            raise message_not_found()
+        return posted
 
     async def delete(self, user_id: str, message_id: object) -> None:
         facts = await self._message_facts(user_id, message_id)
@@ -563,10 +619,8 @@ class ChatService:
             raise Forbidden("only the sender or the chat's owners and admins may delete it")
         if facts.deleted:
             return  # deleting twice is fine (204 again)
-        async with self._order.hold(facts.chat_id):
-            rows = await self.storage.delete_message(facts.chat_id, facts.id)
-            if rows:  # else someone else deleted it just now
-                await self._changed(facts.chat_id, rows)
+        # None: someone else deleted it just now (204 all the same)
+        await self._commit(facts.chat_id, self.storage.delete_change(facts.chat_id, facts.id))
 
     async def react(self, user_id: str, message_id: object, emoji: object,
                     remove: bool = False) -> Posted:  # fmt: skip
@@ -578,14 +632,16 @@ class ChatService:
             raise Forbidden("only members may react")
         if facts.deleted and not remove:
             raise message_not_found()
-        async with self._order.hold(facts.chat_id):
-            if remove:
-                rows = await self.storage.unreact(facts.chat_id, facts.id, user_id, emoji)
-            else:
-                rows = await self.storage.react(facts.chat_id, facts.id, user_id, emoji, MAX_EMOJI)
-                if rows and rows[0][0] == "full":
-                    raise Conflict(f"a message has at most {MAX_EMOJI} different emoji")
-            return await self._changed(facts.chat_id, rows)
+        if remove:
+            change = self.storage.unreact_change(facts.chat_id, facts.id, user_id, emoji)
+        else:
+            change = self.storage.react_change(facts.chat_id, facts.id, user_id, emoji, MAX_EMOJI)
+        posted = await self._commit(
+            facts.chat_id, change, f"a message has at most {MAX_EMOJI} different emoji"
+        )
+        if posted is None:  # deleted in the meantime
+            raise message_not_found()
+        return posted
 
     async def pin(self, user_id: str, chat_id: object, message_id: object,
                   unpin: bool = False) -> Posted:  # fmt: skip
@@ -594,14 +650,16 @@ class ChatService:
         access = await self.readable(user_id, chat_id)
         if access.role not in PRIVILEGED:
             raise Forbidden("only owners and admins may pin messages")
-        async with self._order.hold(chat_id):
-            if unpin:
-                rows = await self.storage.unpin(chat_id, mid)
-            else:
-                rows = await self.storage.pin(chat_id, mid, MAX_PINS)
-                if rows and rows[0][0] == "full":
-                    raise Conflict(f"a chat has at most {MAX_PINS} pinned messages")
-            return await self._changed(chat_id, rows)
+        if unpin:
+            change = self.storage.unpin_change(chat_id, mid)
+        else:
+            change = self.storage.pin_change(chat_id, mid, MAX_PINS)
+        posted = await self._commit(
+            chat_id, change, f"a chat has at most {MAX_PINS} pinned messages"
+        )
+        if posted is None:
+            raise message_not_found()
+        return posted
 
     async def pins(self, user_id: str, chat_id: object) -> Page:
         chat_id = validate.chat_id(chat_id)

@@ -58,6 +58,14 @@ class MessageAccess:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """A change to a chat's messages, ready to run (Storage.apply)."""
+
+    stmt: Stmt
+    params: dict
+
+
+@dataclass(frozen=True, slots=True)
 class Sent:
     """Outcome of a send: created (row, version) or a repeat of client_id (row)."""
 
@@ -375,33 +383,72 @@ class Storage:
                 await cur.execute(f"{SQL.LOCK};{stmt.sql}", params)
             return await cur.fetchall()
 
+    # A change to one chat's messages, described (see queries.SQL, "changes
+    # to existing messages"), to run alone (apply) or with others of the same
+    # chat in one transaction (apply_together). Each answers rows of (what,
+    # MSG_COLS...): 'm' the changed message, 'p' its parent changed with it,
+    # 'same' nothing changed, 'full' a limit refused it; none: no such
+    # (live, where it matters) message in that chat.
+
+    @staticmethod
+    def delete_change(chat_id: str, message_id: int) -> Change:
+        return Change(Q.DELETE, {"chat_id": chat_id, "id": message_id})
+
+    @staticmethod
+    def edit_change(chat_id: str, message_id: int, content: str) -> Change:
+        return Change(Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content})
+
+    @staticmethod
+    def react_change(chat_id: str, message_id: int, user_id: str, emoji: str,
+                     max_emoji: int) -> Change:  # fmt: skip
+        return Change(Q.REACT, {"chat_id": chat_id, "id": message_id, "user_id": user_id,
+                                "emoji": emoji, "max_emoji": max_emoji})  # fmt: skip
+
+    @staticmethod
+    def unreact_change(chat_id: str, message_id: int, user_id: str, emoji: str) -> Change:
+        return Change(Q.UNREACT, {"chat_id": chat_id, "id": message_id, "user_id": user_id,
+                                  "emoji": emoji})  # fmt: skip
+
+    @staticmethod
+    def pin_change(chat_id: str, message_id: int, max_pins: int) -> Change:
+        return Change(Q.PIN, {"chat_id": chat_id, "id": message_id, "max_pins": max_pins})
+
+    @staticmethod
+    def unpin_change(chat_id: str, message_id: int) -> Change:
+        return Change(Q.UNPIN, {"chat_id": chat_id, "id": message_id})
+
+    async def apply(self, change: Change) -> list[tuple]:
+        """One change: LOCK; CHANGE in one round trip and one transaction."""
+        return await self._change(change.stmt, change.params)
+
+    async def apply_together(self, chat_id: str, changes: list[Change]) -> list[list[tuple]]:
+        """Several changes of one chat in ONE transaction (one commit, one
+        fsync): the chat's lock first, then each in order, each with a
+        snapshot that sees the ones before it. A failure rolls all back."""
+        async with self._cursor() as cur:
+            await cur.execute("BEGIN")
+            try:
+                await _run(cur, Q.LOCK, {"chat_id": chat_id})
+                out = []
+                for change in changes:
+                    await _run(cur, change.stmt, change.params)
+                    out.append(await cur.fetchall())
+                await cur.execute("COMMIT")
+            except BaseException:
+                try:
+                    await cur.execute("ROLLBACK")
+                except Exception:
+                    pass  # the connection is gone; _cursor closes it
+                raise
+            return out
+
     async def delete_message(self, chat_id: str, message_id: int) -> list[tuple]:
         """('m', tombstone) and ('p', parent) when it was a reply; [] if it
         was already deleted."""
-        return await self._change(Q.DELETE, {"chat_id": chat_id, "id": message_id})
+        return await self.apply(self.delete_change(chat_id, message_id))
 
     async def edit_message(self, chat_id: str, message_id: int, content: str) -> list[tuple]:
-        return await self._change(
-            Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content}
-        )
-
-    async def react(self, chat_id: str, message_id: int, user_id: str, emoji: str,
-                    max_emoji: int) -> list[tuple]:  # fmt: skip
-        params = {"chat_id": chat_id, "id": message_id, "user_id": user_id, "emoji": emoji,
-                  "max_emoji": max_emoji}  # fmt: skip
-        return await self._change(Q.REACT, params)
-
-    async def unreact(self, chat_id: str, message_id: int, user_id: str, emoji: str) -> list:
-        params = {"chat_id": chat_id, "id": message_id, "user_id": user_id, "emoji": emoji}
-        return await self._change(Q.UNREACT, params)
-
-    async def pin(self, chat_id: str, message_id: int, max_pins: int) -> list[tuple]:
-        return await self._change(
-            Q.PIN, {"chat_id": chat_id, "id": message_id, "max_pins": max_pins}
-        )
-
-    async def unpin(self, chat_id: str, message_id: int) -> list[tuple]:
-        return await self._change(Q.UNPIN, {"chat_id": chat_id, "id": message_id})
+        return await self.apply(self.edit_change(chat_id, message_id, content))
 
     async def send_reply(self, chat_id: str, user_id: str, content: str, client_id: str | None,
                          reply_to: int) -> tuple[Sent, tuple | None] | str | None:  # fmt: skip

@@ -796,3 +796,56 @@ async def test_random_version_2_paths_and_queries_never_make_a_500(api, chat_id)
         assert resp.status < 500, (method, path, resp)
         if resp.status >= 400:
             assert set(resp.json) == {"error"}, (method, path, resp)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_concurrent_changes_of_one_chat_commit_together_each_with_its_own_answer(
+    chatd, url, api, chat_id, monkeypatch
+):
+    """Group commit of changes: a burst of reactions (25 different emoji on one
+    message: 20 fit, 5 are 409), edits and a pin commit in few transactions,
+    and each caller gets its own answer; versions stay one per change, and
+    the room sees them in order."""
+    storage = chatd.domain.storage
+    together = []
+    real = storage.apply_together
+
+    async def counting(cid, changes):
+        together.append(len(changes))
+        return await real(cid, changes)
+
+    monkeypatch.setattr(storage, "apply_together", counting)
+    users = [f"u{i:02d}" for i in range(25)]
+    await api.create_chat(chat_id, members=users)
+    target = await sent(api, chat_id, "target")
+    own = await sent(api, chat_id, "mine", user="u00")
+    bob = await connect(url, "u01")
+    try:
+        assert (await bob.call("join-chat", chat_id))["ok"]
+        codes = [f":c{i:02d}:" for i in range(25)]
+        calls = [
+            api.put(f"/messages/{target['id']}/reactions/{r(code)}", user=u)
+            for code, u in zip(codes, users, strict=True)
+        ]
+        calls.append(api.patch(f"/messages/{own['id']}", {"content": "edited"}, user="u00"))
+        calls.append(api.put(f"/chats/{chat_id}/pins/{own['id']}"))
+        results = await asyncio.gather(*calls)
+        statuses = [res.status for res in results]
+        assert statuses[:25].count(200) == 20 and statuses[:25].count(409) == 5
+        assert all(res.error_code == "conflict" for res in results[:25] if res.status == 409)
+        assert statuses[25:] == [200, 200]
+        assert results[25].json["content"] == "edited"
+        assert results[26].json["pinned"] is True
+        assert together and sum(together) >= 10  # most went in shared transactions
+        final = await changes(api, chat_id)
+        assert final["version"] == 2 + 20 + 2  # one version per change made
+        msg = next(m for m in final["messages"] if m["id"] == target["id"])
+        assert len(msg["reactions"]) == 20 and all(e["count"] == 1 for e in msg["reactions"])
+        ok = [res.json for res in results[:25] if res.status == 200]
+        # Each answer is the message right after its own change.
+        assert sorted(len(m["reactions"]) for m in ok) == list(range(1, 21))
+        await settle(bob, api, chat_id)
+        versions = [d["version"] for d in bob.of("message-updated")]
+        assert versions == list(range(3, 25))
+    finally:
+        await bob.close()
