@@ -23,7 +23,8 @@ Who may do what (API.md):
 Every change to a message takes the chat's next version (storage's "one
 change, one version"); within this process, a chat's changes are committed,
 cached and emitted one at a time (:class:`_Order`), so the events of one chat
-leave this process in version order.
+leave this process in version order. Changes that queue behind one in flight
+commit together in one transaction (group commit, as sends do).
 
 A private chat the caller cannot read is ``chat_not_found`` (and a message in
 it ``message_not_found``), so its existence does not leak.
