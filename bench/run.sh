@@ -4,13 +4,13 @@
 #
 #   bench/run.sh --url http://127.0.0.1:8080 --secret "$ACCESS_TOKEN_SECRET" \
 #                [--pid PID] [--reps 1] [--duration 10] [--label chatd] \
-#                [--scenarios "conns post post32 history fanout"]
+#                [--scenarios "conns post post32 history fanout react edit changes"]
 #
 # --pid: the server's PID, for its CPU and memory (conns needs it). Loopback
 # URLs only. Results: bench/results/<label>-<time>.jsonl (+ .log).
 source "$(dirname "$0")/kit.sh"
 URL="" SECRET="${ACCESS_TOKEN_SECRET:-}" PID="" REPS=1 DUR=10 LABEL=chatd
-SCEN="conns post post32 history fanout"
+SCEN="conns post post32 history fanout react edit changes"
 while [ $# -gt 0 ]; do
   case "$1" in
     --url) URL=$2; shift 2;; --secret) SECRET=$2; shift 2;; --pid) PID=$2; shift 2;;
@@ -30,3 +30,4 @@ for r in $(seq 1 "$REPS"); do
   for sc in $SCEN; do run_scenario "$URL" "$SECRET" "$PID" "$LABEL" "$OUT" "$sc" "$DUR"; done
 done
 node "$KIT/load/summarize.js" "$OUT"
+CHATD_BENCH_KIT="$KIT/load" node "$BENCH_DIR/conversations.js" --summarize "$OUT"

@@ -118,17 +118,18 @@ return 1
 """
 
 # ARGV: version, first_seq, cap, ttl, channel, payload, rows... (consecutive
-# seqs from first_seq). Publishes payload on channel first, whatever the page
-# holds (channel '': nothing to publish), so the new messages' announcement to
-# the other processes costs no round trip of its own. Applies the rows only on
-# top of exactly version - 1 ending at first_seq - 1.
+# seqs from first_seq; each took one version, the last of them ``version``).
+# Publishes payload on channel first, whatever the page holds (channel '':
+# nothing to publish), so the new messages' announcement to the other
+# processes costs no round trip of its own. Applies the rows only on top of
+# exactly version - (number of rows) ending at first_seq - 1.
 _APPEND = """
 if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
 if not m[1] then return 0 end
 local v = tonumber(ARGV[1])
 local first = tonumber(ARGV[2])
-if tonumber(m[1]) ~= v - 1 or tonumber(m[2]) ~= first - 1 then
+if tonumber(m[1]) ~= v - (#ARGV - 6) or tonumber(m[2]) ~= first - 1 then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   return -1
 end

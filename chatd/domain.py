@@ -16,6 +16,15 @@ Who may do what (API.md):
                           member of a public chat
     remove a member       owners; admins (not owners or other admins); self
     read marker           members
+    react / unreact       members (a non-member of a public chat: forbidden)
+    pin / unpin           owners and admins
+    read replies, changes, edit history, pins: whoever may read the chat
+
+Every change to a message takes the chat's next version (storage's "one
+change, one version"); within this process, a chat's changes are committed,
+cached and emitted one at a time (:class:`_Order`), so the events of one chat
+leave this process in version order. Changes that queue behind one in flight
+commit together in one transaction (group commit, as sends do).
 
 A private chat the caller cannot read is ``chat_not_found`` (and a message in
 it ``message_not_found``), so its existence does not leak.
@@ -24,8 +33,10 @@ it ``message_not_found``), so its existence does not leak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -36,7 +47,7 @@ from .errors import BadRequest, Conflict, Forbidden, chat_not_found, message_not
 from .events import Events, NullEvents
 from .limits import EVENTS, SENDS, RateLimiter
 from .presence import Gate
-from .storage import Access, Storage
+from .storage import Access, Change, Storage
 
 log = logging.getLogger("chatd.domain")
 
@@ -51,6 +62,15 @@ PRIVILEGED = ("owner", "admin")
 MAX_BATCH = 100
 # API.md: at most one ``typing`` per user and chat per 2 s (across processes).
 TYPING_INTERVAL_MS = 2000
+# Version 2 (API.md): join-chat {since_version} returns at most this many
+# changed messages; GET /changes pages of 1-500 (default 100); replies pages
+# of 1-200 (default 50); at most 20 different emoji per message and 50 pins
+# per chat.
+MAX_CHANGED = 500
+MAX_CHANGES_PAGE = 500
+DEFAULT_CHANGES_PAGE = 100
+MAX_EMOJI = 20
+MAX_PINS = 50
 
 dumps = orjson.dumps
 # orjson writes the keys in model.MESSAGE_KEYS order with no spaces and escapes
@@ -113,6 +133,32 @@ class _Queued:
     text: str
     client_id: str | None
     future: asyncio.Future
+    reply_to: int | None = None
+
+
+class _Order:
+    """One change at a time per chat in this process, from the statement to
+    its events, so that a chat's events leave in version order (API.md:
+    "within one process's events of a chat, versions only grow"). PostgreSQL
+    serialises the chat's changes anyway (its row lock); this only keeps the
+    answers from overtaking each other on the way out."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list] = {}  # chat id -> [lock, holders and waiters]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chat_id: str) -> AsyncIterator[None]:
+        entry = self._locks.get(chat_id)
+        if entry is None:
+            entry = self._locks[chat_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[chat_id]
 
 
 def _resolve(future: asyncio.Future, result: object) -> None:
@@ -151,6 +197,18 @@ def _settle_as_repeat(first: asyncio.Future, repeat: asyncio.Future) -> None:
 
 
 @dataclass(slots=True)
+class VersionCatchUp:
+    """The join-chat {since_version} ack."""
+
+    last_seq: int
+    version: int
+    changed: Page
+    # Live events at or below this version are already in the answer (or
+    # superseded by a change in it): duplicates.
+    covered: int
+
+
+@dataclass(slots=True)
 class CatchUp:
     last_seq: int
     missed: Page
@@ -180,6 +238,9 @@ class ChatService:
         self._background: set[asyncio.Task] = set()
         # chat id -> sends queued behind the transaction in flight (group commit)
         self._lanes: dict[str, list[_Queued]] = {}
+        # chat id -> changes queued behind the change in flight (group commit)
+        self._change_lanes: dict[str, list] = {}
+        self._order = _Order()
 
     # -- access ---------------------------------------------------------------
 
@@ -201,6 +262,7 @@ class ChatService:
         *,
         rate_limited: bool = True,
         socket_event: bool = False,
+        reply_to: object = None,
     ) -> Posted:
         """Post a message; answered once it is committed (201), or with the
         original for a repeated client_id (200). ``rate_limited=False`` skips
@@ -218,6 +280,7 @@ class ChatService:
             chat_id = validate.chat_id(chat_id)
             text = validate.content(content, self.max_message_length)
             cid = validate.client_id(client_id)
+            parent = None if reply_to is None else validate.json_int(reply_to, "reply_to", 1)
         except BadRequest:
             if socket_event and rate_limited:  # a bad event is an event all the same
                 await self.socket_event(user_id)
@@ -230,18 +293,22 @@ class ChatService:
         lane = self._lanes.get(chat_id)
         if lane is not None:
             future = asyncio.get_running_loop().create_future()
-            lane.append(_Queued(user_id, text, cid, future))
+            lane.append(_Queued(user_id, text, cid, future, parent))
             return await future
         self._lanes[chat_id] = lane = []
         try:
-            return await self._send_one(chat_id, user_id, text, cid)
+            async with self._order.hold(chat_id):
+                return await self._send_one(chat_id, user_id, text, cid, parent)
         finally:
             if lane:
                 self._spawn(self._drain(chat_id, lane))
             else:
                 del self._lanes[chat_id]
 
-    async def _send_one(self, chat_id: str, user_id: str, text: str, cid: str | None) -> Posted:
+    async def _send_one(self, chat_id: str, user_id: str, text: str, cid: str | None,
+                        reply_to: int | None = None) -> Posted:  # fmt: skip
+        if reply_to is not None:
+            return await self._send_reply(chat_id, user_id, text, cid, reply_to)
         sent = await self.storage.send(chat_id, user_id, text, cid)
         if sent is None:
             raise chat_not_found()
@@ -249,7 +316,42 @@ class ChatService:
         raw = dumps(message)
         if sent.created:
             await self._announce(chat_id, sent.version, [message], [raw])
+            if sent.joined:
+                await self._joined(chat_id, [user_id])
         return Posted(message, raw, sent.created)
+
+    async def _send_reply(self, chat_id: str, user_id: str, text: str, cid: str | None,
+                          reply_to: int) -> Posted:  # fmt: skip
+        """A reply: the new message (its own version), then its parent's new
+        reply_count (the next version), each cached and emitted in order."""
+        result = await self.storage.send_reply(chat_id, user_id, text, cid, reply_to)
+        if result is None:
+            raise chat_not_found()
+        if result == "noparent":
+            raise BadRequest("reply_to must be a message of this chat that is not deleted")
+        sent, parent_row = result
+        message = model.message(sent.row)
+        raw = dumps(message)
+        if sent.created:
+            await self._announce(chat_id, sent.version, [message], [raw])
+            await self._updated(chat_id, parent_row)
+            if sent.joined:
+                await self._joined(chat_id, [user_id])
+        return Posted(message, raw, sent.created)
+
+    async def _updated(self, chat_id: str, row: tuple) -> tuple[dict, bytes]:
+        """A changed message reaches the cached page and the room."""
+        message = model.message(row)
+        raw = dumps(message)
+        await self.cache.replaced(chat_id, message["version"], message["seq"], raw)
+        await self.events.message_updated(message, raw)
+        return message, raw
+
+    async def _joined(self, chat_id: str, user_ids: list[str]) -> None:
+        """Users just became members of a chat: chat-added to their sockets."""
+        row = await self.storage.chat(chat_id)
+        if row is not None:
+            await self.events.chat_added(model.chat(row), user_ids)
 
     async def _announce(self, chat_id: str, version: int, messages: list[dict],
                         raws: list[bytes]) -> None:  # fmt: skip
@@ -269,7 +371,8 @@ class ChatService:
                 batch = lane[:MAX_BATCH]
                 del lane[:MAX_BATCH]
                 try:
-                    await self._send_batch(chat_id, batch)
+                    async with self._order.hold(chat_id):
+                        await self._send_batch(chat_id, batch)
                 except Exception as exc:  # each waiting sender gets the failure
                     for q in batch:
                         _fail(q.future, exc)
@@ -277,9 +380,12 @@ class ChatService:
             del self._lanes[chat_id]
 
     async def _send_batch(self, chat_id: str, batch: list[_Queued]) -> None:
-        if len(batch) == 1:
-            q = batch[0]
-            await _settle(q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id))
+        if len(batch) == 1 or any(q.reply_to is not None for q in batch):
+            # Replies take two versions and change their parent: one by one.
+            for q in batch:
+                await _settle(
+                    q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id, q.reply_to)
+                )
             return
         # The same (sender, client_id) twice in one batch: the first is sent,
         # the repeat is answered like any repeat (200, the same message).
@@ -301,11 +407,13 @@ class ChatService:
             for q in items:
                 await _settle(q.future, self._send_one(chat_id, q.user_id, q.text, q.client_id))
         else:
-            created, version, originals = result
+            created, version, originals, joined = result
             messages = [model.message(r) for r in created]
             raws = [dumps(m) for m in messages]
             if created:
                 await self._announce(chat_id, version, messages, raws)
+            if joined:
+                await self._joined(chat_id, sorted(joined))
             # Created rows come back in input order (seq follows ordinality),
             # so one walk pairs each item with its row, its original or a refusal.
             i = 0
@@ -403,41 +511,217 @@ class ChatService:
         await self.events.message_resent(message, raw)
         return Posted(message, raw, False)
 
-    async def edit(self, user_id: str, message_id: object, content: object) -> Posted:
+    async def _message_facts(self, user_id: str, message_id: object):
+        """The message's facts for a caller who may read its chat, else
+        message_not_found (a private chat's messages do not leak)."""
         mid = validate.message_id(message_id)
-        text = validate.content(content, self.max_message_length)
         facts = await self.storage.message_access(mid, user_id)
         if facts is None or (facts.role is None and facts.visibility != "public"):
             raise message_not_found()
+        return facts
+
+    async def _changed(self, chat_id: str, rows: list[tuple]) -> Posted:
+        """Apply a change statement's answer (storage "LOCK; CHANGE"): each
+        changed message, in version order, to the cache and the room. The
+        answer is the message the caller named."""
+        mine: Posted | None = None
+        for row in sorted(rows, key=lambda r: r[1 + 8] or 0):
+            what = row[0]
+            if what == "same":
+                message = model.message(row[1:])
+                mine = Posted(message, dumps(message), False)
+                continue
+            message = model.message(row[1:])
+            raw = dumps(message)
+            await self.cache.replaced(chat_id, message["version"], message["seq"], raw)
+            if what == "m" and message["deleted"]:
+                await self.events.message_deleted(
+                    chat_id, message["id"], message["seq"], message["version"]
+                )
+            else:
+                await self.events.message_updated(message, raw)
+            if what == "m":
+                mine = Posted(message, raw, True)
+        assert mine is not None
+        return mine
+
+    async def _commit(self, chat_id: str, change: Change, limit: str = "") -> Posted | None:
+        """Commit a change to the chat's messages and apply it (cache, events).
+
+        Group commit, as for sends: while a change of this chat is in flight
+        in this process, further ones queue in the chat's change lane and go
+        together in the next transaction (one commit for up to MAX_BATCH; a
+        chat's changes serialise on its row lock anyway, so one commit each
+        would bound a chat to one change per fsync). Each is then applied in
+        order under the chat's _Order. ``limit``: the Conflict message for a
+        'full' answer. None: no such message (or, for a delete, already
+        deleted)."""
+        lane = self._change_lanes.get(chat_id)
+        if lane is not None:
+            future = asyncio.get_running_loop().create_future()
+            lane.append((change, limit, future))
+            return await future
+        self._change_lanes[chat_id] = lane = []
+        try:
+            async with self._order.hold(chat_id):
+                return await self._finish(chat_id, await self.storage.apply(change), limit)
+        finally:
+            if lane:
+                self._spawn(self._drain_changes(chat_id, lane))
+            else:
+                del self._change_lanes[chat_id]
+
+    async def _drain_changes(self, chat_id: str, lane: list) -> None:
+        try:
+            while lane:
+                batch = lane[:MAX_BATCH]
+                del lane[:MAX_BATCH]
+                async with self._order.hold(chat_id):
+                    try:
+                        if len(batch) == 1:
+                            results = [await self.storage.apply(batch[0][0])]
+                        else:
+                            results = await self.storage.apply_together(
+                                chat_id, [change for change, _, _ in batch]
+                            )
+                    except Exception as exc:
+                        for _, _, future in batch:
+                            _fail(future, exc)
+                        continue
+                    for (_, limit, future), rows in zip(batch, results, strict=True):
+                        await _settle(future, self._finish(chat_id, rows, limit))
+        finally:
+            del self._change_lanes[chat_id]
+
+    async def _finish(self, chat_id: str, rows: list[tuple], limit: str) -> Posted | None:
+        if not rows:
+            return None
+        if rows[0][0] == "full":
+            raise Conflict(limit)
+        return await self._changed(chat_id, rows)
+
+    async def edit(self, user_id: str, message_id: object, content: object) -> Posted:
+        text = validate.content(content, self.max_message_length)
+        facts = await self._message_facts(user_id, message_id)
         if facts.sender_id != user_id:
             raise Forbidden("only the sender may edit a message")
         if facts.deleted:
             raise message_not_found()
-        edited = await self.storage.edit_message(mid, text)
-        if edited is None:  # deleted in the meantime
+        posted = await self._commit(
+            facts.chat_id, self.storage.edit_change(facts.chat_id, facts.id, text)
+        )
+        if posted is None:  # deleted in the meantime
             raise message_not_found()
-        row, version = edited
-        message = model.message(row)
-        raw = dumps(message)
-        await self.cache.replaced(facts.chat_id, version, facts.seq, raw)
-        await self.events.message_updated(message, raw)
-        return Posted(message, raw, False)
+        return posted
 
     async def delete(self, user_id: str, message_id: object) -> None:
-        mid = validate.message_id(message_id)
-        facts = await self.storage.message_access(mid, user_id)
-        if facts is None or (facts.role is None and facts.visibility != "public"):
-            raise message_not_found()
+        facts = await self._message_facts(user_id, message_id)
         if facts.sender_id != user_id and facts.role not in PRIVILEGED:
             raise Forbidden("only the sender or the chat's owners and admins may delete it")
         if facts.deleted:
             return  # deleting twice is fine (204 again)
-        deleted = await self.storage.delete_message(mid)
-        if deleted is None:  # someone else deleted it just now
-            return
-        row, version = deleted
-        await self.cache.replaced(facts.chat_id, version, facts.seq, dumps(model.message(row)))
-        await self.events.message_deleted(facts.chat_id, mid, facts.seq)
+        # None: someone else deleted it just now (204 all the same)
+        await self._commit(facts.chat_id, self.storage.delete_change(facts.chat_id, facts.id))
+
+    async def react(self, user_id: str, message_id: object, emoji: object,
+                    remove: bool = False) -> Posted:  # fmt: skip
+        """The caller's reaction on (or off): 200 + the message either way;
+        the same again changes nothing."""
+        emoji = validate.emoji(emoji)
+        facts = await self._message_facts(user_id, message_id)
+        if facts.role is None:
+            raise Forbidden("only members may react")
+        if facts.deleted and not remove:
+            raise message_not_found()
+        if remove:
+            change = self.storage.unreact_change(facts.chat_id, facts.id, user_id, emoji)
+        else:
+            change = self.storage.react_change(facts.chat_id, facts.id, user_id, emoji, MAX_EMOJI)
+        posted = await self._commit(
+            facts.chat_id, change, f"a message has at most {MAX_EMOJI} different emoji"
+        )
+        if posted is None:  # deleted in the meantime
+            raise message_not_found()
+        return posted
+
+    async def pin(self, user_id: str, chat_id: object, message_id: object,
+                  unpin: bool = False) -> Posted:  # fmt: skip
+        chat_id = validate.chat_id(chat_id)
+        mid = validate.message_id(message_id)
+        access = await self.readable(user_id, chat_id)
+        if access.role not in PRIVILEGED:
+            raise Forbidden("only owners and admins may pin messages")
+        if unpin:
+            change = self.storage.unpin_change(chat_id, mid)
+        else:
+            change = self.storage.pin_change(chat_id, mid, MAX_PINS)
+        posted = await self._commit(
+            chat_id, change, f"a chat has at most {MAX_PINS} pinned messages"
+        )
+        if posted is None:
+            raise message_not_found()
+        return posted
+
+    async def pins(self, user_id: str, chat_id: object) -> Page:
+        chat_id = validate.chat_id(chat_id)
+        await self.readable(user_id, chat_id)
+        rows = await self.storage.pins(chat_id, MAX_PINS)
+        return Page([dumps(model.message(r)) for r in rows], False)
+
+    async def changes(self, user_id: str, chat_id: object, since_version: int | None,
+                      limit: int | None = None) -> tuple[Page, int]:  # fmt: skip
+        """The messages changed after ``since_version`` (absent: 0), in their
+        current state, ascending by version; and the chat's version."""
+        chat_id = validate.chat_id(chat_id)
+        limit = DEFAULT_CHANGES_PAGE if limit is None else limit
+        if not 1 <= limit <= MAX_CHANGES_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_CHANGES_PAGE}")
+        page, version, _last_seq, _covered = await self._changes(
+            user_id, chat_id, since_version or 0, limit
+        )
+        return page, version
+
+    async def _changes(self, user_id: str, chat_id: str, since: int,
+                       limit: int) -> tuple[Page, int, int, int]:  # fmt: skip
+        """(page, chat version, last_seq, highest version the page covers)."""
+        _access, found = await asyncio.gather(
+            self.readable(user_id, chat_id), self.storage.changes(chat_id, since, limit + 1)
+        )
+        if found is None:
+            raise chat_not_found()
+        version, last_seq, rows = found
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        # Everything up to the chat's version (in this snapshot) is in the
+        # answer, or, when there is more, up to its last row's version.
+        covered = rows[-1][8] if has_more else max(version, since)
+        return Page([dumps(model.message(r)) for r in rows], has_more), version, last_seq, covered
+
+    async def catch_up_versions(self, user_id: str, chat_id: object,
+                                since_version: int) -> VersionCatchUp:  # fmt: skip
+        """The join-chat {since_version} ack (the caller has already joined
+        the room; see catch_up)."""
+        chat_id = validate.chat_id(chat_id)
+        page, version, last_seq, covered = await self._changes(
+            user_id, chat_id, since_version, MAX_CHANGED
+        )
+        return VersionCatchUp(last_seq, version, page, covered)
+
+    async def replies(self, user_id: str, message_id: object, limit: int | None = None,
+                      after_seq: int | None = None) -> Page:  # fmt: skip
+        limit = DEFAULT_PAGE if limit is None else limit
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadRequest(f"limit must be between 1 and {MAX_PAGE}")
+        facts = await self._message_facts(user_id, message_id)
+        rows = await self.storage.replies(facts.id, after_seq or 0, limit + 1)
+        return Page([dumps(model.message(r)) for r in rows[:limit]], len(rows) > limit)
+
+    async def edit_history(self, user_id: str, message_id: object) -> dict:
+        """The texts the message had, oldest first, then its current one (a
+        tombstone has none)."""
+        facts = await self._message_facts(user_id, message_id)
+        rows = await self.storage.edit_history(facts.id)
+        return {"versions": [{"content": c, "at": at} for c, at in rows]}
 
     async def catch_up(self, user_id: str, chat_id: object, since_seq: int | None) -> CatchUp:
         """The join-chat ack: the chat's last seq and what came after since_seq.
@@ -489,7 +773,9 @@ class ChatService:
         chat_row, member_rows = await self.storage.create_chat(
             chat_id, title, visibility, user_id, others
         )
-        return model.chat(chat_row, [model.member(r) for r in member_rows])
+        chat = model.chat(chat_row)
+        await self.events.chat_added(chat, [r[0] for r in member_rows])
+        return {**chat, "members": [model.member(r) for r in member_rows]}
 
     async def get_chat(self, user_id: str, chat_id: object) -> dict:
         await self.readable(user_id, chat_id)
@@ -503,11 +789,13 @@ class ChatService:
     async def list_chats(self, user_id: str) -> list[dict]:
         out = []
         for row in await self.storage.user_chats(user_id):
-            chat = model.chat(row[:6])
-            chat["role"] = row[6]
-            chat["last_read_seq"] = row[7]
-            chat["unread_count"] = row[8]
-            chat["last_message"] = model.message(row[9:18]) if row[9] is not None else None
+            n = model.N_CHAT
+            chat = model.chat(row[:n])
+            chat["role"] = row[n]
+            chat["last_read_seq"] = row[n + 1]
+            chat["unread_count"] = row[n + 2]
+            first = n + 3
+            chat["last_message"] = model.message(row[first:]) if row[first] is not None else None
             out.append(chat)
         return out
 
@@ -528,7 +816,10 @@ class ChatService:
                 raise Forbidden("admins may not change the role of owners or other admins")
         elif not (access.visibility == "public" and target == user_id and role == "member"):
             raise Forbidden("only owners and admins may add members")
-        return model.member(await self.storage.upsert_member(chat_id, target, role))
+        row, added = await self.storage.upsert_member(chat_id, target, role)
+        if added:  # a role change is not a membership change
+            await self._joined(chat_id, [target])
+        return model.member(row)
 
     async def remove_member(self, user_id: str, chat_id: object, target: object) -> None:
         chat_id = validate.chat_id(chat_id)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import orjson
 import socketio
 
-from .realtime import OrjsonPackets, chat_room, emit_message, publication
+from .realtime import OrjsonPackets, chat_room, emit_message, publication, user_room
 
 
 class _Published:
@@ -65,9 +65,15 @@ class RedisEmitter:
     async def message_updated(self, message: dict, raw: bytes) -> None:
         await self._emit("message-updated", message, message["chat_id"])
 
-    async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None:
-        payload = {"id": message_id, "chat_id": chat_id, "seq": seq}
+    async def message_deleted(self, chat_id: str, message_id: int, seq: int, version: int) -> None:
+        payload = {"id": message_id, "chat_id": chat_id, "seq": seq, "version": version}
         await self._emit("message-deleted", payload, chat_id)
+
+    async def chat_added(self, chat: dict, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            await self.manager.emit(
+                "chat-added", {"chat": chat}, room=user_room(user_id), namespace="/"
+            )
 
     async def member_removed(self, chat_id: str, user_id: str) -> None:
         # Not possible from outside a server: making a user's sockets leave a

@@ -36,9 +36,17 @@ class Events(Protocol):
 
     async def message_updated(self, message: dict, raw: bytes) -> None: ...
 
-    async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None: ...
+    async def message_deleted(
+        self, chat_id: str, message_id: int, seq: int, version: int
+    ) -> None: ...
 
-    async def member_removed(self, chat_id: str, user_id: str) -> None: ...
+    async def member_removed(self, chat_id: str, user_id: str) -> None:
+        """The user is no longer a member: their sockets leave the chat's room
+        and get ``chat-removed``, on every process."""
+
+    async def chat_added(self, chat: dict, user_ids: list[str]) -> None:
+        """The users became members of ``chat`` (a Chat object without
+        members): ``chat-added`` to each one's sockets, on every process."""
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None: ...
 
@@ -72,10 +80,13 @@ class NullEvents:
     async def message_updated(self, message: dict, raw: bytes) -> None:
         pass
 
-    async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None:
+    async def message_deleted(self, chat_id: str, message_id: int, seq: int, version: int) -> None:
         pass
 
     async def member_removed(self, chat_id: str, user_id: str) -> None:
+        pass
+
+    async def chat_added(self, chat: dict, user_ids: list[str]) -> None:
         pass
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:

@@ -3,11 +3,17 @@
 Key order follows API.md's examples so the JSON a client sees is stable.
 Timestamps arrive from PostgreSQL already formatted (see storage.TS), so no
 datetime objects are built on the hot path.
+
+The message keeps ``deleted`` as its LAST key (after the version 2 fields):
+the page cache and chatd.domain.is_tombstone recognise a tombstone by the
+bytes it ends with. JSON objects are unordered; docs/API-NOTES.md says so.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
 
 MESSAGE_KEYS = (
     "id",
@@ -18,13 +24,24 @@ MESSAGE_KEYS = (
     "client_id",
     "created_at",
     "edited_at",
+    "version",
+    "reply_to",
+    "reply_count",
+    "reactions",
+    "pinned",
     "deleted",
 )
+N_MSG = len(MESSAGE_KEYS)
+_REACTIONS = MESSAGE_KEYS.index("reactions")
 
 
 def message(row: tuple) -> dict[str, Any]:
-    """A message object from the 9 columns of storage.MSG_COLS."""
-    return dict(zip(MESSAGE_KEYS, row[:9], strict=True))
+    """A message object from the 14 columns of queries.MSG_COLS."""
+    out = dict(zip(MESSAGE_KEYS, row[:N_MSG], strict=True))
+    reactions = row[_REACTIONS]
+    # Text from PostgreSQL; most messages have none, so parse only when needed.
+    out["reactions"] = [] if reactions == "[]" else orjson.loads(reactions)
+    return out
 
 
 def member(row: tuple) -> dict[str, Any]:
@@ -37,8 +54,11 @@ def member(row: tuple) -> dict[str, Any]:
     }
 
 
+N_CHAT = 7
+
+
 def chat(row: tuple, members: list[dict] | None = None) -> dict[str, Any]:
-    chat_id, title, visibility, created_by, created_at, last_seq = row[:6]
+    chat_id, title, visibility, created_by, created_at, last_seq, version = row[:N_CHAT]
     out: dict[str, Any] = {
         "id": chat_id,
         "title": title,
@@ -46,6 +66,7 @@ def chat(row: tuple, members: list[dict] | None = None) -> dict[str, Any]:
         "created_by": created_by,
         "created_at": created_at,
         "last_seq": last_seq,
+        "version": version,
     }
     if members is not None:
         out["members"] = members

@@ -27,7 +27,8 @@ SCHEMAS = {
     "Message": {
         "type": "object",
         "required": ["id", "chat_id", "seq", "sender_id", "content", "client_id",
-                     "created_at", "edited_at", "deleted"],
+                     "created_at", "edited_at", "version", "reply_to", "reply_count",
+                     "reactions", "pinned", "deleted"],
         "properties": {
             "id": {**_SAFE_INT, "description": "unique across the service"},
             "chat_id": _CHAT_ID,
@@ -38,8 +39,50 @@ SCHEMAS = {
             "client_id": {"type": "string", "nullable": True, "maxLength": 64},
             "created_at": _TS,
             "edited_at": {**_TS, "nullable": True},
+            "version": {**_SAFE_INT, "description": "the chat's version at this message's "
+                        "latest change (send, edit, delete, reaction, pin, reply_count)"},
+            "reply_to": {**_SAFE_INT, "nullable": True,
+                         "description": "the message of the same chat this one answers"},
+            "reply_count": {**_SAFE_INT, "description": "non-deleted messages answering it"},
+            "reactions": {"type": "array", "items": _ref("Reaction"), "maxItems": 20,
+                          "description": "per emoji, in the order each was first added"},
+            "pinned": {"type": "boolean"},
             "deleted": {"type": "boolean"},
         },
+    },
+    "Reaction": {
+        "type": "object",
+        "required": ["emoji", "count", "users"],
+        "properties": {
+            "emoji": {"type": "string", "description": "one emoji, or :shortcode:"},
+            "count": {**_SAFE_INT, "description": "exact"},
+            "users": {"type": "array", "items": {"type": "string"}, "maxItems": 20,
+                      "description": "the first 20 who reacted, in order"},
+        },
+    },
+    "Changes": {
+        "type": "object",
+        "required": ["messages", "has_more", "version"],
+        "properties": {
+            "messages": {"type": "array", "items": _ref("Message"),
+                         "description": "current state, ascending by version, tombstones in"},
+            "has_more": {"type": "boolean"},
+            "version": {**_SAFE_INT, "description": "the chat's latest version"},
+        },
+    },
+    "Pins": {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {"messages": {"type": "array", "items": _ref("Message"), "maxItems": 50,
+                                    "description": "the most recently pinned first"}},
+    },
+    "EditHistory": {
+        "type": "object",
+        "required": ["versions"],
+        "properties": {"versions": {"type": "array", "items": {
+            "type": "object", "required": ["content", "at"],
+            "properties": {"content": {"type": "string"}, "at": _TS}},
+            "description": "the original, then each edit, oldest first; [] for a tombstone"}},
     },
     "Member": {
         "type": "object",
@@ -53,7 +96,8 @@ SCHEMAS = {
     },
     "Chat": {
         "type": "object",
-        "required": ["id", "title", "visibility", "created_by", "created_at", "last_seq"],
+        "required": ["id", "title", "visibility", "created_by", "created_at", "last_seq",
+                     "version"],
         "properties": {
             "id": _CHAT_ID,
             "title": {"type": "string", "minLength": 1, "maxLength": 200},
@@ -61,6 +105,7 @@ SCHEMAS = {
             "created_by": {"type": "string"},
             "created_at": _TS,
             "last_seq": _SAFE_INT,
+            "version": {**_SAFE_INT, "description": "the latest version of its messages"},
             "members": {"type": "array", "items": _ref("Member")},
         },
     },
@@ -121,6 +166,7 @@ SCHEMAS = {
             "content": {"type": "string", "description": "trimmed; 1-MAX_MESSAGE_LENGTH, no NUL"},
             "client_id": {"type": "string", "maxLength": 64,
                           "description": "makes the send idempotent per sender and chat"},
+            "reply_to": {**_SAFE_INT, "description": "a live message of this chat"},
         },
     },
     "EditMessage": {
@@ -200,6 +246,10 @@ _NO_CONTENT = {"204": {"description": "done"}}
 _CHAT = _path_param("chat_id", _CHAT_ID)
 _USER = _path_param("user_id", {"type": "string", "maxLength": 128})
 _MSG = _path_param("id", _SAFE_INT)
+_PINNED = _path_param("message_id", _SAFE_INT)
+_EMOJI = _path_param("emoji", {"type": "string", "description": "URL-encoded"})
+_LIMIT_PAGE = _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                     "page size")  # fmt: skip
 
 
 def document() -> dict:
@@ -255,6 +305,46 @@ def document() -> dict:
                          {"200": _json("Message", "the edited message")},
                          (400, 403, 404, 503), body="EditMessage", params=[_MSG]),
         },
+        "/chats/{chat_id}/changes": {
+            "get": _op(
+                "The messages changed since a version (exact sync)",
+                {"200": _json("Changes", "ascending by version")}, (400, 404, 503),
+                params=[_CHAT,
+                        _query("since_version", _SAFE_INT, "absent: 0"),
+                        _query("limit", {"type": "integer", "minimum": 1, "maximum": 500,
+                                         "default": 100}, "page size")],
+            ),
+        },
+        "/chats/{chat_id}/pins": {
+            "get": _op("The chat's pinned messages", {"200": _json("Pins", "newest pin first")},
+                       (400, 404, 503), params=[_CHAT]),
+        },
+        "/chats/{chat_id}/pins/{message_id}": {
+            "put": _op("Pin a message (owners and admins)",
+                       {"200": _json("Message", "pinned (again: unchanged)")},
+                       (400, 403, 404, 409, 503), params=[_CHAT, _PINNED]),
+            "delete": _op("Unpin a message (owners and admins)",
+                          {"200": _json("Message", "unpinned (not pinned: unchanged)")},
+                          (400, 403, 404, 503), params=[_CHAT, _PINNED]),
+        },
+        "/messages/{id}/replies": {
+            "get": _op("The messages that answer it", {"200": _json("MessagePage", "by seq")},
+                       (400, 404, 503),
+                       params=[_MSG, _LIMIT_PAGE,
+                               _query("after_seq", _SAFE_INT, "replies after this seq")]),
+        },
+        "/messages/{id}/history": {
+            "get": _op("A message's texts, oldest first",
+                       {"200": _json("EditHistory", "the original, then each edit")},
+                       (400, 404, 503), params=[_MSG]),
+        },
+        "/messages/{id}/reactions/{emoji}": {
+            "put": _op("React (members)", {"200": _json("Message", "with the reaction")},
+                       (400, 403, 404, 409, 503), params=[_MSG, _EMOJI]),
+            "delete": _op("Take the caller's reaction off",
+                          {"200": _json("Message", "without it")}, (400, 403, 404, 503),
+                          params=[_MSG, _EMOJI]),
+        },
         "/healthz": {
             "get": _op("The process is alive", {"200": _json("Ok", "alive")}, (), public=True),
         },
@@ -279,7 +369,7 @@ def document() -> dict:
         "openapi": "3.0.3",
         "info": {
             "title": "chatd",
-            "version": "1",
+            "version": "2",
             "description": "REST API of chatd (Socket.IO events are in API.md). Every non-2xx "
             "answer is an Error; 405 method_not_allowed answers methods not listed here. Any "
             "request may also be answered 408, 414 or 431 (components.responses), and a "

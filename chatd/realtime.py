@@ -16,8 +16,11 @@ delivered (each process knows only its own sockets):
 - ``skip_room``: skip every socket in that room, on every process. ``typing``
   skips ``user:{sender}``, so none of the sender's tabs sees its own typing.
 - Per-socket de-duplication of ``new-message`` for sockets that joined a chat
-  with ``since_seq`` (see :meth:`ChatManagerMixin.hold`): API.md promises
-  that join-then-listen leaves no hole *and* shows nothing twice.
+  with ``since_seq`` (see :meth:`ChatManagerMixin.hold`), and of every
+  versioned event (``new-message``, ``message-updated``, ``message-deleted``)
+  by ``version`` for sockets that joined with ``since_version``
+  (:meth:`ChatManagerMixin.hold_versions`): API.md promises that
+  join-then-listen leaves no hole *and* shows nothing twice.
 - Internal events (``INTERNAL_*``) that are never sent to a socket but run a
   hook on every process: a removed member's sockets leave the chat's room
   wherever they are connected.
@@ -100,6 +103,9 @@ MAX_ROOMS_PER_SOCKET = 200
 DISCONNECT_BATCH = 32
 # Socket.IO packets above this are refused by engine.io (same cap as REST bodies).
 MAX_PACKET = 64 * 1024
+# The events that carry a message's version (API.md version 2): held back and
+# de-duplicated by version for sockets that joined with since_version.
+VERSIONED = frozenset({"new-message", "message-updated", "message-deleted"})
 # Internal event: the sockets of room ``user:{user_id}`` leave ``chat:{chat_id}``.
 INTERNAL_LEAVE = "chatd:member-removed"
 # The pubsub listener pings Redis when it has heard nothing for this long, and
@@ -473,6 +479,10 @@ class ChatManagerMixin:
         # room -> sid -> the highest seq that sid's join ack covered: a later
         # new-message at or below it is a duplicate (a late publish).
         self.floors: dict[str, dict[str, int]] = {}
+        # The same two by version, for join-chat with since_version: every
+        # VERSIONED event is held, then those at or below the floor dropped.
+        self.vjoining: dict[str, dict[str, list]] = {}
+        self.vfloors: dict[str, dict[str, int]] = {}
         # sid -> the rooms it has an entry in above (for forget(sid)).
         self._marked: dict[str, set[str]] = {}
         # async (sid, chat_id) -> None: a local socket was made to leave a
@@ -568,6 +578,19 @@ class ChatManagerMixin:
                 for sid, floor in self.floors.get(room, {}).items():
                     if seq <= floor:
                         skip.append(sid)
+        if (
+            event in VERSIONED
+            and isinstance(room, str)
+            and (room in self.vjoining or room in self.vfloors)
+        ):
+            version = payload.get("version") if isinstance(payload, dict) else None
+            if isinstance(version, int):
+                for sid, held in self.vjoining.get(room, {}).items():
+                    held.append((event, payload))
+                    skip.append(sid)
+                for sid, floor in self.vfloors.get(room, {}).items():
+                    if version <= floor:
+                        skip.append(sid)
         # A copy: on the emitting process the same dict is published next.
         message = {**message, "skip_sid": skip}
         if not await delivery.deliver_message(self, message):
@@ -599,6 +622,25 @@ class ChatManagerMixin:
         if self.joining.get(room, {}).get(sid) is held:
             self._pop(self.joining, room, sid)
 
+    def hold_versions(self, sid: str, room: str) -> None:
+        """:meth:`hold` for join-chat with since_version: every versioned event."""
+        self.vjoining.setdefault(room, {})[sid] = []
+        self._marked.setdefault(sid, set()).add(room)
+
+    async def release_versions(self, sid: str, room: str, covered: int) -> None:
+        """:meth:`release` by version: the held events above ``covered`` go
+        out in order; later ones at or below it are dropped."""
+        held = self.vjoining.get(room, {}).get(sid)
+        if held is None:
+            return
+        self.vfloors.setdefault(room, {})[sid] = covered
+        while held:
+            event, payload = held.pop(0)
+            if payload["version"] > covered:
+                await self.server.emit(event, payload, to=sid, ignore_queue=True)
+        if self.vjoining.get(room, {}).get(sid) is held:
+            self._pop(self.vjoining, room, sid)
+
     def forget(self, sid: str, room: str | None = None) -> None:
         """The socket left ``room`` (None: every room)."""
         marked = self._marked.get(sid, set())
@@ -606,6 +648,8 @@ class ChatManagerMixin:
         for r in rooms:
             self._pop(self.joining, r, sid)
             self._pop(self.floors, r, sid)
+            self._pop(self.vjoining, r, sid)
+            self._pop(self.vfloors, r, sid)
             marked.discard(r)
         if not marked:
             self._marked.pop(sid, None)
@@ -862,12 +906,17 @@ class SocketEvents:
     async def message_updated(self, message: dict, raw: bytes) -> None:
         await self.sio.emit("message-updated", message, room=chat_room(message["chat_id"]))
 
-    async def message_deleted(self, chat_id: str, message_id: int, seq: int) -> None:
-        payload = {"id": message_id, "chat_id": chat_id, "seq": seq}
+    async def message_deleted(self, chat_id: str, message_id: int, seq: int, version: int) -> None:
+        payload = {"id": message_id, "chat_id": chat_id, "seq": seq, "version": version}
         await self.sio.emit("message-deleted", payload, room=chat_room(chat_id))
 
     async def member_removed(self, chat_id: str, user_id: str) -> None:
         await self.sio.manager.leave_everywhere(user_id, chat_id)
+        await self.sio.emit("chat-removed", {"chat_id": chat_id}, room=user_room(user_id))
+
+    async def chat_added(self, chat: dict, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            await self.sio.emit("chat-added", {"chat": chat}, room=user_room(user_id))
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
         payload = {"chat_id": chat_id, "user_id": user_id, "seq": seq}
@@ -925,6 +974,7 @@ class ChatNamespace(socketio.AsyncNamespace):
             "send-message": self.send_message,
             "typing": self.typing,
             "mark-read": self.mark_read,
+            "react": self.react,
         }
 
     def _set_server(self, server):
@@ -1040,6 +1090,10 @@ class ChatNamespace(socketio.AsyncNamespace):
         since_seq = None
         if isinstance(payload, dict) and payload.get("since_seq") is not None:
             since_seq = validate.json_int(payload["since_seq"], "since_seq")
+        if isinstance(payload, dict) and payload.get("since_version") is not None:
+            if since_seq is not None:
+                raise BadRequest("give at most one of since_seq and since_version")
+            return await self._join_since_version(sid, user_id, payload)
         chat_id = _chat_id_of(payload)
         room = chat_room(chat_id)
         # The cap counts the chats joined and those being joined: the slot is
@@ -1104,6 +1158,59 @@ class ChatNamespace(socketio.AsyncNamespace):
             "has_more": state.missed.has_more,
         }
 
+    async def _join_since_version(self, sid: str, user_id: str, payload: dict) -> dict:
+        """join-chat {chat_id, since_version} (API.md version 2): as with
+        since_seq, check, hold this socket's versioned events of the chat,
+        enter, read the changes, and after the ack release the held events
+        the ack did not cover."""
+        since = validate.json_int(payload["since_version"], "since_version")
+        chat_id = _chat_id_of(payload)
+        room = chat_room(chat_id)
+        rooms = self.rooms(sid)
+        if room not in rooms and len(rooms) > MAX_ROOMS_PER_SOCKET + 1:
+            raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
+        await self.domain.readable(user_id, chat_id)
+        self.manager.hold_versions(sid, room)
+        await self.enter_room(sid, room)
+        try:
+            state = await self.domain.catch_up_versions(user_id, chat_id, since)
+        except BaseException:
+            self.manager.forget(sid, room)
+            await self.leave_room(sid, room)
+            await self.presence.leave(chat_id, sid)
+            raise
+
+        async def release() -> None:
+            await self.manager.release_versions(sid, room, state.covered)
+
+        if not after_ack(release):
+            await release()
+        await self.presence.join(chat_id, user_id, sid)
+        if sid not in self.users:
+            self.manager.forget(sid)
+            await self.presence.leave(chat_id, sid)
+        return {
+            "ok": True,
+            "chat_id": chat_id,
+            "last_seq": state.last_seq,
+            "version": state.version,
+            "changed": state.changed.fragments(),
+            "has_more": state.changed.has_more,
+        }
+
+    async def react(self, sid: str, user_id: str, payload: object) -> dict:
+        if not isinstance(payload, dict):
+            raise BadRequest("react takes {message_id, emoji, remove?}")
+        remove = payload.get("remove", False)
+        if remove is None:
+            remove = False
+        if not isinstance(remove, bool):
+            raise BadRequest("remove must be a boolean")
+        posted = await self.domain.react(
+            user_id, payload.get("message_id"), payload.get("emoji"), remove
+        )
+        return {"ok": True, "message": orjson.Fragment(posted.raw)}
+
     async def leave_chat(self, sid: str, user_id: str, payload: object) -> dict:
         chat_id = _chat_id_of(payload)
         self.manager.forget(sid, chat_room(chat_id))
@@ -1144,5 +1251,6 @@ class ChatNamespace(socketio.AsyncNamespace):
             payload.get("content"),
             payload.get("client_id"),
             socket_event=True,
+            reply_to=payload.get("reply_to"),
         )
         return {"ok": True, "message": orjson.Fragment(posted.raw)}

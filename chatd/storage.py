@@ -1,10 +1,11 @@
 """PostgreSQL, through one aiopg pool per process.
 
-Every query chatd runs is in this module, parameterised, with a note on why it
-is shaped the way it is. Rules (who may do what) are not here: the domain
-layer asks for facts and decides. Connection trouble of any kind surfaces as
-:class:`~chatd.errors.Unavailable` (503), never as a hang: the pool's timeout
-bounds both waiting for a connection and each query.
+Every query chatd runs is in :mod:`chatd.queries`, parameterised, with a note
+on why it is shaped the way it is; this module runs them. Rules (who may do
+what) are not here: the domain layer asks for facts and decides. Connection
+trouble of any kind surfaces as :class:`~chatd.errors.Unavailable` (503),
+never as a hang: the pool's timeout bounds both waiting for a connection and
+each query.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,23 +22,10 @@ import psycopg2.errors
 
 from .coalesce import Coalescer
 from .errors import Conflict, Unavailable
+from .queries import N_MSG, SQL, Q, Stmt
 
 log = logging.getLogger("chatd.storage")
 
-
-def _ts(col: str) -> str:
-    # ISO-8601 UTC with milliseconds and Z, formatted by PostgreSQL: cheaper than
-    # building a datetime per row in Python and formatting it again.
-    return f"""to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
-
-
-# The 9 columns of a message, in model.MESSAGE_KEYS order.
-MSG_COLS = (
-    "m.id, m.chat_id, m.seq, m.sender_id, m.content, m.client_id, "
-    f"{_ts('m.created_at')}, {_ts('m.edited_at')}, m.deleted"
-)
-CHAT_COLS = f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq"
-MEMBER_COLS = f"cm.user_id, cm.role, {_ts('cm.joined_at')}, cm.last_read_seq"
 
 _UNAVAILABLE = (
     psycopg2.OperationalError,
@@ -71,6 +58,14 @@ class MessageAccess:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """A change to a chat's messages, ready to run (Storage.apply)."""
+
+    stmt: Stmt
+    params: dict
+
+
+@dataclass(frozen=True, slots=True)
 class Sent:
     """Outcome of a send: created (row, version) or a repeat of client_id (row)."""
 
@@ -78,338 +73,6 @@ class Sent:
     created: bool
     version: int = 0
     joined: bool = False  # the send made the poster a member (public chat)
-
-
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
-
-
-class Stmt:
-    """A query that is PREPAREd once per connection and then EXECUTEd by name:
-    PostgreSQL parses and plans it once, and each call sends a few bytes
-    instead of the whole text. Written with %(name)s placeholders like any
-    other query; they become $1..$n in first-use order."""
-
-    def __init__(self, name: str, sql: str):
-        self.name = name
-        self.sql = sql
-        self.order: list[str] = []
-        for key in _PLACEHOLDER.findall(sql):
-            if key not in self.order:
-                self.order.append(key)
-        positional = _PLACEHOLDER.sub(lambda m: f"${self.order.index(m.group(1)) + 1}", sql)
-        self.prepare = f"PREPARE {name} AS {positional}"
-        args = ", ".join(["%s"] * len(self.order))
-        self.execute = f"EXECUTE {name} ({args})" if self.order else f"EXECUTE {name}"
-
-    def args(self, params: dict) -> list:
-        return [params[key] for key in self.order]
-
-
-class SQL:
-    # Access check: one indexed lookup on each table. Returns the chat even when
-    # the caller is not a member, so "no such chat" and "not a member of a
-    # private chat" can be told apart by the domain (both end as 404).
-    ACCESS = """
-        SELECT c.visibility, c.last_seq, c.version, cm.role
-          FROM chats c
-          LEFT JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = %(user_id)s
-         WHERE c.id = %(chat_id)s"""
-
-    # The same for many (chat, caller) pairs at once (coalesced access checks,
-    # see Storage.access): one row per pair whose chat exists, tagged with the
-    # pair's 1-based position.
-    ACCESS_MANY = """
-        SELECT q.i, c.visibility, c.last_seq, c.version, cm.role
-          FROM unnest(%(chat_ids)s::text[], %(user_ids)s::text[])
-               WITH ORDINALITY AS q(chat_id, user_id, i)
-          JOIN chats c ON c.id = q.chat_id
-          LEFT JOIN chat_members cm ON cm.chat_id = c.id AND cm.user_id = q.user_id"""
-
-    # A send is ONE statement, so one round trip and one implicit transaction:
-    # the UPDATE takes the chat row's lock (serialising that chat's senders, so
-    # seq is gapless and in commit order) and only matches when the sender may
-    # post (a member, or anyone on a public chat, who then becomes a member in
-    # the same statement). A repeated client_id violates messages_client_id,
-    # which aborts the whole statement, seq bump included.
-    SEND = f"""
-        WITH c AS (
-            UPDATE chats
-               SET last_seq = last_seq + 1, version = version + 1
-             WHERE id = %(chat_id)s
-               AND (visibility = 'public'
-                    OR EXISTS (SELECT 1 FROM chat_members
-                                WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s))
-         RETURNING id, last_seq, version, visibility
-        ), j AS (
-            INSERT INTO chat_members (chat_id, user_id)
-            SELECT id, %(user_id)s FROM c WHERE visibility = 'public'
-            ON CONFLICT DO NOTHING
-            RETURNING user_id
-        ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
-            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s FROM c
-            RETURNING *
-        )
-        SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
-          FROM m, c"""
-
-    # Group commit: several sends to ONE chat in one statement (one round trip,
-    # one transaction, one fsync). Each input row is kept only if its sender
-    # may post and its client_id is new; the survivors get consecutive seqs
-    # after the chat's last_seq, taken under the chat row's lock by the UPDATE
-    # (which re-reads last_seq after waiting for a concurrent writer, so seq
-    # stays gapless and in commit order). The duplicate check sees the
-    # statement's snapshot; a repeat committed concurrently by another process
-    # still hits messages_client_id, and the caller then sends one by one.
-    SEND_BATCH = f"""
-        WITH input AS (
-            SELECT t.sender_id, t.content, t.client_id, t.ord
-              FROM unnest(%(senders)s::text[], %(contents)s::text[], %(client_ids)s::text[])
-                   WITH ORDINALITY AS t(sender_id, content, client_id, ord)
-        ), chat AS (
-            SELECT id, visibility FROM chats WHERE id = %(chat_id)s
-        ), ok AS (
-            SELECT i.*, row_number() OVER (ORDER BY i.ord) AS n
-              FROM input i, chat c
-             WHERE (c.visibility = 'public'
-                    OR EXISTS (SELECT 1 FROM chat_members cm
-                                WHERE cm.chat_id = c.id AND cm.user_id = i.sender_id))
-               AND (i.client_id IS NULL
-                    OR NOT EXISTS (SELECT 1 FROM messages d
-                                    WHERE d.chat_id = c.id AND d.sender_id = i.sender_id
-                                      AND d.client_id = i.client_id))
-        ), bump AS (
-            UPDATE chats
-               SET last_seq = last_seq + (SELECT count(*) FROM ok), version = version + 1
-             WHERE id = %(chat_id)s AND EXISTS (SELECT 1 FROM ok)
-         RETURNING last_seq, version, visibility
-        ), j AS (
-            INSERT INTO chat_members (chat_id, user_id)
-            SELECT DISTINCT %(chat_id)s, ok.sender_id FROM ok, bump WHERE bump.visibility = 'public'
-            ON CONFLICT DO NOTHING
-        ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
-            SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
-                   ok.sender_id, ok.content, ok.client_id
-              FROM ok, bump
-            RETURNING *
-        )
-        SELECT {MSG_COLS}, bump.version FROM m, bump ORDER BY m.seq"""
-
-    # Sends to several chats, one each (the uncontended sends of one loop
-    # iteration; see Storage.send), in one statement: one transaction, one
-    # WAL flush. Each is exactly SEND's rule for its own chat: its chat's
-    # row is locked and bumped by one, and it is kept only if its sender may
-    # post. The chats' rows are locked in id order first, so two such
-    # statements never wait for each other in a cycle. A repeated client_id
-    # aborts the whole statement (the caller then sends one by one). One row
-    # per created message: its position in the input, the message, the
-    # chat's new version and whether the poster joined a public chat.
-    SEND_MANY = f"""
-        WITH input AS (
-            SELECT t.*
-              FROM unnest(%(chat_ids)s::text[], %(senders)s::text[], %(contents)s::text[],
-                          %(client_ids)s::text[])
-                   WITH ORDINALITY AS t(chat_id, sender_id, content, client_id, ord)
-        ), locked AS (
-            SELECT c.id FROM chats c WHERE c.id IN (SELECT chat_id FROM input)
-             ORDER BY c.id FOR UPDATE
-        ), c AS (
-            UPDATE chats
-               SET last_seq = last_seq + 1, version = version + 1
-              FROM locked l JOIN input i ON i.chat_id = l.id
-             WHERE chats.id = l.id
-               AND (chats.visibility = 'public'
-                    OR EXISTS (SELECT 1 FROM chat_members
-                                WHERE chat_id = l.id AND user_id = i.sender_id))
-         RETURNING chats.id, chats.last_seq, chats.version, chats.visibility,
-                   i.sender_id, i.content, i.client_id, i.ord
-        ), j AS (
-            INSERT INTO chat_members (chat_id, user_id)
-            SELECT id, sender_id FROM c WHERE visibility = 'public'
-            ON CONFLICT DO NOTHING
-            RETURNING chat_id
-        ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id)
-            SELECT id, last_seq, sender_id, content, client_id FROM c
-            RETURNING *
-        )
-        SELECT c.ord, {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j WHERE j.chat_id = c.id)
-          FROM m JOIN c ON c.id = m.chat_id"""
-
-    BY_CLIENT_IDS = f"""
-        SELECT {MSG_COLS} FROM messages m
-          JOIN unnest(%(senders)s::text[], %(client_ids)s::text[]) AS k(sender_id, client_id)
-            ON m.sender_id = k.sender_id AND m.client_id = k.client_id
-         WHERE m.chat_id = %(chat_id)s"""
-
-    BY_CLIENT_ID = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.chat_id = %(chat_id)s AND m.sender_id = %(user_id)s
-           AND m.client_id = %(client_id)s"""
-
-    # History pages all walk messages_chat_seq (chat_id, seq) in one direction
-    # and stop after limit + 1 rows (the extra row answers has_more).
-    NEWEST = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.chat_id = %(chat_id)s {{deleted}}
-         ORDER BY m.seq DESC LIMIT %(limit)s"""
-    BEFORE = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.chat_id = %(chat_id)s AND m.seq < %(seq)s {{deleted}}
-         ORDER BY m.seq DESC LIMIT %(limit)s"""
-    AFTER = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.chat_id = %(chat_id)s AND m.seq > %(seq)s {{deleted}}
-         ORDER BY m.seq ASC LIMIT %(limit)s"""
-
-    # The newest rows for the page cache, with the chat's version from the same
-    # snapshot, so the cached page is exactly the chat as of that version.
-    CACHE_FILL = f"""
-        SELECT c.version, c.last_seq, {MSG_COLS}
-          FROM chats c
-          LEFT JOIN LATERAL (
-              SELECT * FROM messages
-               WHERE chat_id = c.id ORDER BY seq DESC LIMIT %(limit)s) m ON true
-         WHERE c.id = %(chat_id)s
-         ORDER BY m.seq DESC"""
-
-    LATEST = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.chat_id = %(chat_id)s ORDER BY m.seq DESC LIMIT 1"""
-
-    MESSAGE_ACCESS = """
-        SELECT m.id, m.chat_id, m.seq, m.sender_id, m.deleted, c.visibility, cm.role
-          FROM messages m
-          JOIN chats c ON c.id = m.chat_id
-          LEFT JOIN chat_members cm ON cm.chat_id = m.chat_id AND cm.user_id = %(user_id)s
-         WHERE m.id = %(id)s"""
-
-    # Delete and edit bump the chat's version in the same statement, which is
-    # what keeps the page cache honest (see sql/001_schema.sql). Deleting erases
-    # the content; the row stays as a tombstone so seq stays gapless.
-    DELETE = f"""
-        WITH m AS (
-            UPDATE messages SET deleted = true, content = NULL
-             WHERE id = %(id)s AND NOT deleted
-         RETURNING *
-        ), v AS (
-            UPDATE chats c SET version = c.version + 1
-              FROM m WHERE c.id = m.chat_id
-         RETURNING c.version
-        )
-        SELECT {MSG_COLS}, v.version FROM m, v"""
-
-    EDIT = f"""
-        WITH m AS (
-            UPDATE messages SET content = %(content)s, edited_at = now()
-             WHERE id = %(id)s AND NOT deleted
-         RETURNING *
-        ), v AS (
-            UPDATE chats c SET version = c.version + 1
-              FROM m WHERE c.id = m.chat_id
-         RETURNING c.version
-        )
-        SELECT {MSG_COLS}, v.version FROM m, v"""
-
-    CREATE_CHAT = f"""
-        INSERT INTO chats AS c (id, title, visibility, created_by)
-        VALUES (%(id)s, %(title)s, %(visibility)s, %(created_by)s)
-        RETURNING {CHAT_COLS}"""
-
-    # The creator first (owner), then the listed users (members), in one
-    # statement; ordinality keeps the order for the answer.
-    ADD_MEMBERS = f"""
-        INSERT INTO chat_members AS cm (chat_id, user_id, role)
-        SELECT %(chat_id)s, u.user_id, CASE WHEN u.ord = 1 THEN 'owner' ELSE 'member' END
-          FROM unnest(%(users)s::text[]) WITH ORDINALITY AS u(user_id, ord)
-        RETURNING {MEMBER_COLS}"""
-
-    CHAT = f"SELECT {CHAT_COLS} FROM chats c WHERE c.id = %(chat_id)s"
-    MEMBERS = f"""
-        SELECT {MEMBER_COLS} FROM chat_members cm
-         WHERE cm.chat_id = %(chat_id)s ORDER BY cm.joined_at, cm.user_id"""
-
-    # The caller's chats, most recently active first. unread_count counts only
-    # what others sent above the caller's marker (an index range scan on
-    # messages_chat_seq per chat); last_message skips tombstones.
-    USER_CHATS = f"""
-        SELECT {CHAT_COLS}, cm.role, cm.last_read_seq,
-               (SELECT count(*) FROM messages u
-                 WHERE u.chat_id = c.id AND u.seq > cm.last_read_seq
-                   AND u.sender_id <> cm.user_id AND NOT u.deleted) AS unread,
-               {MSG_COLS}
-          FROM chat_members cm
-          JOIN chats c ON c.id = cm.chat_id
-          LEFT JOIN LATERAL (
-              SELECT * FROM messages
-               WHERE chat_id = c.id AND NOT deleted ORDER BY seq DESC LIMIT 1) m ON true
-         WHERE cm.user_id = %(user_id)s
-         ORDER BY coalesce(m.created_at, c.created_at) DESC, c.id"""
-
-    UPSERT_MEMBER = f"""
-        INSERT INTO chat_members AS cm (chat_id, user_id, role)
-        VALUES (%(chat_id)s, %(user_id)s, %(role)s)
-        ON CONFLICT (chat_id, user_id) DO UPDATE SET role = EXCLUDED.role
-        RETURNING {MEMBER_COLS}"""
-    MEMBER = f"""
-        SELECT {MEMBER_COLS} FROM chat_members cm
-         WHERE cm.chat_id = %(chat_id)s AND cm.user_id = %(user_id)s"""
-    OWNERS = """
-        SELECT count(*) FROM chat_members
-         WHERE chat_id = %(chat_id)s AND role = 'owner'"""
-    REMOVE_MEMBER = """
-        DELETE FROM chat_members
-         WHERE chat_id = %(chat_id)s AND user_id = %(user_id)s
-        RETURNING role"""
-
-    # chatctl's view of every chat, paged by id (keyset: each page is one index
-    # range scan on the primary key, however many chats there are). The member
-    # count is a per-chat count on the chat_members primary key.
-    ADMIN_CHATS = f"""
-        SELECT {CHAT_COLS},
-               (SELECT count(*) FROM chat_members cm WHERE cm.chat_id = c.id) AS members
-          FROM chats c
-         WHERE c.id > %(after_id)s
-         ORDER BY c.id LIMIT %(limit)s"""
-
-    # The marker only moves forward, and never past the chat's last seq.
-    MARK_READ = """
-        UPDATE chat_members cm
-           SET last_read_seq = LEAST(%(seq)s, c.last_seq)
-          FROM chats c
-         WHERE cm.chat_id = %(chat_id)s AND cm.user_id = %(user_id)s AND c.id = cm.chat_id
-           AND LEAST(%(seq)s, c.last_seq) > cm.last_read_seq
-        RETURNING cm.last_read_seq"""
-
-
-def _history_variants() -> dict[tuple[str, bool], Stmt]:
-    out = {}
-    for kind, sql in (("newest", SQL.NEWEST), ("before", SQL.BEFORE), ("after", SQL.AFTER)):
-        for include in (False, True):
-            text = sql.format(deleted="" if include else "AND NOT m.deleted")
-            out[(kind, include)] = Stmt(f"chatd_{kind}_{'all' if include else 'visible'}", text)
-    return out
-
-
-class Q:
-    """The hot queries, prepared on every pooled connection (see Stmt)."""
-
-    ACCESS = Stmt("chatd_access", SQL.ACCESS)
-    ACCESS_MANY = Stmt("chatd_access_many", SQL.ACCESS_MANY)
-    SEND = Stmt("chatd_send", SQL.SEND)
-    SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
-    SEND_MANY = Stmt("chatd_send_many", SQL.SEND_MANY)
-    BY_CLIENT_ID = Stmt("chatd_by_client_id", SQL.BY_CLIENT_ID)
-    CACHE_FILL = Stmt("chatd_cache_fill", SQL.CACHE_FILL)
-    LATEST = Stmt("chatd_latest", SQL.LATEST)
-    MESSAGE_ACCESS = Stmt("chatd_message_access", SQL.MESSAGE_ACCESS)
-    HISTORY = _history_variants()
-
-    @classmethod
-    def all(cls) -> list[Stmt]:
-        found = [v for v in vars(cls).values() if isinstance(v, Stmt)]
-        return found + list(cls.HISTORY.values())
 
 
 async def _prepare(conn) -> None:
@@ -491,8 +154,9 @@ class _Sends(Coalescer):
         else:
             for row in rows:
                 results[together[row[0] - 1]] = Sent(
-                    row=row[1:10], created=True, version=row[10], joined=row[11]
-                )
+                    row=row[1 : N_MSG + 1], created=True, version=row[N_MSG + 1],
+                    joined=row[N_MSG + 2],
+                )  # fmt: skip
         for i, call in enumerate(calls):  # the same chat again: after, on its own
             if first[call[0]] != i:
                 results[i] = await self._call_alone(call)
@@ -631,15 +295,16 @@ class Storage:
             return Sent(row=original, created=False)
         if row is None:
             return None
-        return Sent(row=row[:9], created=True, version=row[9], joined=row[10])
+        return Sent(row=row[:N_MSG], created=True, version=row[N_MSG], joined=row[N_MSG + 1])
 
     async def send_batch(
         self, chat_id: str, items: list[tuple[str, str, str | None]]
-    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple]] | None:
+    ) -> tuple[list[tuple], int, dict[tuple[str, str], tuple], set[str]] | None:
         """Insert several (sender, content, client_id) into one chat at once.
 
         Returns (created rows in seq order, new version, originals of repeated
-        client_ids keyed by (sender, client_id)); items in neither were refused
+        client_ids keyed by (sender, client_id), senders the batch made members
+        of a public chat); items in neither were refused
         (sender may not post, or no such chat). None when a concurrent repeat
         hit the unique index: the caller falls back to one send per item.
         """
@@ -653,8 +318,9 @@ class Storage:
             rows = await self._all(Q.SEND_BATCH, params)
         except psycopg2.errors.UniqueViolation:
             return None
-        created = [r[:9] for r in rows]
-        version = rows[0][9] if rows else 0
+        created = [r[:N_MSG] for r in rows]
+        version = rows[0][N_MSG] if rows else 0
+        joined = {r[3] for r in rows if r[N_MSG + 1]}
         originals: dict[tuple[str, str], tuple] = {}
         made = {(r[3], r[5]) for r in created if r[5] is not None}
         wanted = [(s, c) for s, _, c in items if c is not None and (s, c) not in made]
@@ -668,7 +334,7 @@ class Storage:
                 },
             )
             originals = {(r[3], r[5]): r for r in found}
-        return created, version, originals
+        return created, version, originals, joined
 
     async def history(
         self,
@@ -705,14 +371,130 @@ class Storage:
         row = await self._one(Q.MESSAGE_ACCESS, {"id": message_id, "user_id": user_id})
         return MessageAccess(*row) if row else None
 
-    async def delete_message(self, message_id: int) -> tuple[tuple, int] | None:
-        """(tombstone row, version); None if it was already deleted."""
-        row = await self._one(SQL.DELETE, {"id": message_id})
-        return (row[:9], row[9]) if row else None
+    async def _change(self, stmt: Stmt, params: dict) -> list[tuple]:
+        """LOCK then ``stmt`` in one round trip and one transaction (a
+        multi-statement query runs as one): rows of (what, MSG_COLS...)."""
+        async with self._cursor() as cur:
+            if getattr(cur.connection, "chatd_prepared", False):
+                await cur.execute(
+                    f"{Q.LOCK.execute};{stmt.execute}", [*Q.LOCK.args(params), *stmt.args(params)]
+                )
+            else:
+                await cur.execute(f"{SQL.LOCK};{stmt.sql}", params)
+            return await cur.fetchall()
 
-    async def edit_message(self, message_id: int, content: str) -> tuple[tuple, int] | None:
-        row = await self._one(SQL.EDIT, {"id": message_id, "content": content})
-        return (row[:9], row[9]) if row else None
+    # A change to one chat's messages, described (see queries.SQL, "changes
+    # to existing messages"), to run alone (apply) or with others of the same
+    # chat in one transaction (apply_together). Each answers rows of (what,
+    # MSG_COLS...): 'm' the changed message, 'p' its parent changed with it,
+    # 'same' nothing changed, 'full' a limit refused it; none: no such
+    # (live, where it matters) message in that chat.
+
+    @staticmethod
+    def delete_change(chat_id: str, message_id: int) -> Change:
+        return Change(Q.DELETE, {"chat_id": chat_id, "id": message_id})
+
+    @staticmethod
+    def edit_change(chat_id: str, message_id: int, content: str) -> Change:
+        return Change(Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content})
+
+    @staticmethod
+    def react_change(chat_id: str, message_id: int, user_id: str, emoji: str,
+                     max_emoji: int) -> Change:  # fmt: skip
+        return Change(Q.REACT, {"chat_id": chat_id, "id": message_id, "user_id": user_id,
+                                "emoji": emoji, "max_emoji": max_emoji})  # fmt: skip
+
+    @staticmethod
+    def unreact_change(chat_id: str, message_id: int, user_id: str, emoji: str) -> Change:
+        return Change(Q.UNREACT, {"chat_id": chat_id, "id": message_id, "user_id": user_id,
+                                  "emoji": emoji})  # fmt: skip
+
+    @staticmethod
+    def pin_change(chat_id: str, message_id: int, max_pins: int) -> Change:
+        return Change(Q.PIN, {"chat_id": chat_id, "id": message_id, "max_pins": max_pins})
+
+    @staticmethod
+    def unpin_change(chat_id: str, message_id: int) -> Change:
+        return Change(Q.UNPIN, {"chat_id": chat_id, "id": message_id})
+
+    async def apply(self, change: Change) -> list[tuple]:
+        """One change: LOCK; CHANGE in one round trip and one transaction."""
+        return await self._change(change.stmt, change.params)
+
+    async def apply_together(self, chat_id: str, changes: list[Change]) -> list[list[tuple]]:
+        """Several changes of one chat in ONE transaction (one commit, one
+        fsync): the chat's lock first, then each in order, each with a
+        snapshot that sees the ones before it. A failure rolls all back."""
+        async with self._cursor() as cur:
+            await cur.execute("BEGIN")
+            try:
+                await _run(cur, Q.LOCK, {"chat_id": chat_id})
+                out = []
+                for change in changes:
+                    await _run(cur, change.stmt, change.params)
+                    out.append(await cur.fetchall())
+                await cur.execute("COMMIT")
+            except BaseException:
+                try:
+                    await cur.execute("ROLLBACK")
+                except Exception:
+                    pass  # the connection is gone; _cursor closes it
+                raise
+            return out
+
+    async def delete_message(self, chat_id: str, message_id: int) -> list[tuple]:
+        """('m', tombstone) and ('p', parent) when it was a reply; [] if it
+        was already deleted."""
+        return await self.apply(self.delete_change(chat_id, message_id))
+
+    async def edit_message(self, chat_id: str, message_id: int, content: str) -> list[tuple]:
+        return await self.apply(self.edit_change(chat_id, message_id, content))
+
+    async def send_reply(self, chat_id: str, user_id: str, content: str, client_id: str | None,
+                         reply_to: int) -> tuple[Sent, tuple | None] | str | None:  # fmt: skip
+        """A reply and its parent's new row: (Sent, parent row); a repeated
+        client_id: (Sent of the original, None); "noparent" when reply_to is
+        not a live message of the chat; None when the sender may not post."""
+        params = {"chat_id": chat_id, "user_id": user_id, "content": content,
+                  "client_id": client_id, "reply_to": reply_to}  # fmt: skip
+        try:
+            rows = await self._change(Q.SEND_REPLY, params)
+        except psycopg2.errors.UniqueViolation:
+            if client_id is None:
+                raise
+            original = await self._one(Q.BY_CLIENT_ID, params)
+            if original is None:  # pragma: no cover - the index just said it exists
+                raise
+            return Sent(row=original, created=False), None
+        if not rows:
+            return None
+        if rows[0][0] == "noparent":
+            return "noparent"
+        by = {r[0]: r for r in rows}
+        sent = Sent(row=by["m"][1 : N_MSG + 1], created=True, version=by["m"][1 + 8],
+                    joined=by["m"][N_MSG + 1])  # fmt: skip
+        return sent, by["p"][1 : N_MSG + 1]
+
+    async def changes(self, chat_id: str, since: int, limit: int
+                      ) -> tuple[int, int, list[tuple]] | None:  # fmt: skip
+        """(chat version, last_seq, messages with version > since ascending)
+        from one snapshot; None: no chat."""
+        rows = await self._all(Q.CHANGES, {"chat_id": chat_id, "since": since, "limit": limit})
+        if not rows:
+            return None
+        return rows[0][0], rows[0][1], [r[2:] for r in rows if r[2] is not None]
+
+    async def replies(self, message_id: int, after_seq: int, limit: int) -> list[tuple]:
+        return await self._all(SQL.REPLIES, {"id": message_id, "after": after_seq, "limit": limit})
+
+    async def edit_history(self, message_id: int) -> list[tuple]:
+        return await self._all(SQL.HISTORY_OF, {"id": message_id})
+
+    async def pins(self, chat_id: str, limit: int) -> list[tuple]:
+        return await self._all(SQL.PINS, {"chat_id": chat_id, "limit": limit})
+
+    async def message(self, message_id: int) -> tuple | None:
+        return await self._one(SQL.MESSAGE, {"id": message_id})
 
     async def create_chat(
         self, chat_id: str, title: str, visibility: str, created_by: str, members: list[str]
@@ -749,12 +531,13 @@ class Storage:
         row = await self._one(SQL.OWNERS, {"chat_id": chat_id})
         return row[0] if row else 0
 
-    async def upsert_member(self, chat_id: str, user_id: str, role: str) -> tuple:
+    async def upsert_member(self, chat_id: str, user_id: str, role: str) -> tuple[tuple, bool]:
+        """(member row, whether the user was not a member before)."""
         row = await self._one(
             SQL.UPSERT_MEMBER, {"chat_id": chat_id, "user_id": user_id, "role": role}
         )
         assert row is not None
-        return row
+        return row[:4], row[4]
 
     async def remove_member(self, chat_id: str, user_id: str) -> bool:
         return (

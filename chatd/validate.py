@@ -19,6 +19,11 @@ MAX_USER_ID = 128
 MAX_TITLE = 200
 MAX_MEMBERS_AT_CREATE = 1000
 ROLES = ("owner", "admin", "member")
+# API.md: a reaction is one emoji character sequence or a :shortcode:.
+SHORTCODE_RE = re.compile(r":[a-z0-9_+-]{1,32}:")
+# The longest emoji sequence in Unicode's data is 10 code points (a tag flag);
+# this bounds the look-up for hostile input.
+MAX_EMOJI_CHARS = 16
 VISIBILITIES = ("private", "public")
 
 
@@ -154,3 +159,17 @@ def json_object(value: object, what: str = "body") -> dict:
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
+
+
+def emoji(value: object) -> str:
+    """One emoji (a single grapheme of Unicode's emoji data, e.g. 👍🏽, ❤️)
+    or a ``:shortcode:`` of 1-32 of ``[a-z0-9_+-]``."""
+    import emoji as emoji_data  # imported on first use: chatctl seldom needs it
+
+    if not isinstance(value, str) or not value:
+        raise BadRequest("emoji must be a non-empty string")
+    if SHORTCODE_RE.fullmatch(value):
+        return value
+    if len(value) <= MAX_EMOJI_CHARS and emoji_data.is_emoji(value):
+        return value
+    raise BadRequest("emoji must be one emoji or a :shortcode: of 1-32 of [a-z0-9_+-]")

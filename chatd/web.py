@@ -354,8 +354,9 @@ class MessagesHandler(BaseHandler):
     async def post(self, chat_id: str) -> None:
         body = validate.json_object(self.json_body())
         posted = await self.domain.send(
-            self.user_id, chat_id, body.get("content"), body.get("client_id")
-        )
+            self.user_id, chat_id, body.get("content"), body.get("client_id"),
+            reply_to=body.get("reply_to"),
+        )  # fmt: skip
         self.send_json(posted.raw, 201 if posted.created else 200)
 
 
@@ -423,6 +424,72 @@ class ReadHandler(BaseHandler):
         self.no_content()
 
 
+# -- version 2: conversations and exact sync ------------------------------------
+
+
+class ChangesHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self, chat_id: str) -> None:
+        page, version = await self.domain.changes(
+            self.user_id,
+            chat_id,
+            validate.query_int(self.query("since_version"), "since_version"),
+            validate.query_int(self.query("limit"), "limit"),
+        )
+        self.send_json(page.json()[:-1] + b',"version":' + str(version).encode() + b"}")
+
+
+class RepliesHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self, message_id: str) -> None:
+        page = await self.domain.replies(
+            self.user_id,
+            message_id,
+            limit=validate.query_int(self.query("limit"), "limit"),
+            after_seq=validate.query_int(self.query("after_seq"), "after_seq"),
+        )
+        self.send_json(page.json())
+
+
+class ReactionHandler(BaseHandler):
+    METHODS = ("PUT", "DELETE")
+
+    async def put(self, message_id: str, emoji: str) -> None:
+        self.send_json((await self.domain.react(self.user_id, message_id, emoji)).raw)
+
+    async def delete(self, message_id: str, emoji: str) -> None:
+        posted = await self.domain.react(self.user_id, message_id, emoji, remove=True)
+        self.send_json(posted.raw)
+
+
+class EditHistoryHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self, message_id: str) -> None:
+        self.send_json(await self.domain.edit_history(self.user_id, message_id))
+
+
+class PinHandler(BaseHandler):
+    METHODS = ("PUT", "DELETE")
+
+    async def put(self, chat_id: str, message_id: str) -> None:
+        self.send_json((await self.domain.pin(self.user_id, chat_id, message_id)).raw)
+
+    async def delete(self, chat_id: str, message_id: str) -> None:
+        posted = await self.domain.pin(self.user_id, chat_id, message_id, unpin=True)
+        self.send_json(posted.raw)
+
+
+class PinsHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self, chat_id: str) -> None:
+        page = await self.domain.pins(self.user_id, chat_id)
+        self.send_json(b'{"messages":[' + b",".join(page.rows) + b"]}")
+
+
 class HealthHandler(BaseHandler):
     """The process answers: for a liveness probe (no store is asked)."""
 
@@ -488,6 +555,12 @@ ROUTE_TABLE = [
     (rf"/chats/{_SEG}/read/?", ReadHandler, "/chats/{chat_id}/read"),
     (r"/message/?", LegacyDeleteHandler, "/message/"),
     (rf"/messages/{_SEG}/?", MessageHandler, "/messages/{id}"),
+    (rf"/chats/{_SEG}/changes/?", ChangesHandler, "/chats/{chat_id}/changes"),
+    (rf"/chats/{_SEG}/pins/?", PinsHandler, "/chats/{chat_id}/pins"),
+    (rf"/chats/{_SEG}/pins/{_SEG}/?", PinHandler, "/chats/{chat_id}/pins/{message_id}"),
+    (rf"/messages/{_SEG}/replies/?", RepliesHandler, "/messages/{id}/replies"),
+    (rf"/messages/{_SEG}/history/?", EditHistoryHandler, "/messages/{id}/history"),
+    (rf"/messages/{_SEG}/reactions/{_SEG}/?", ReactionHandler, "/messages/{id}/reactions/{emoji}"),
     (r"/healthz", HealthHandler, "/healthz"),
     (r"/readyz", ReadyHandler, "/readyz"),
     (r"/metrics", MetricsHandler, "/metrics"),

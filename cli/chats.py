@@ -43,8 +43,8 @@ def list_chats(obj: Ctx, fmt: str) -> None:
     while True:  # keyset pages by id: constant memory however many chats
         rows = obj.run(storage.admin_chats(after, PAGE))
         for row in rows:
-            chat = model.chat(row[:6])
-            chat["members"] = row[6]
+            chat = model.chat(row[: model.N_CHAT])
+            chat["members"] = row[model.N_CHAT]
             count += 1
             if fmt == "json":
                 click.echo(orjson.dumps(chat).decode())

@@ -26,6 +26,7 @@ import orjson
 import yaml
 
 from chatd import validate
+from chatd.domain import MAX_EMOJI
 from chatd.errors import BadRequest, Conflict
 
 from .context import Ctx, Failure, pass_ctx
@@ -43,6 +44,10 @@ class ChatPlan:
     visibility: str
     members: dict[str, str]  # user -> role, in file order
     messages: list[tuple[str, str, str]] = field(default_factory=list)  # sender, content, cid
+    # Version 2, by message index: the earlier message it answers, and its
+    # reactions (emoji -> users, in order).
+    replies: dict[int, int] = field(default_factory=dict)
+    reactions: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Tally:
     members_changed: int = 0
     messages_sent: int = 0
     messages_existing: int = 0
+    reactions_added: int = 0
 
 
 class BadFile(click.ClickException):
@@ -202,7 +208,7 @@ def parse_plans(doc: object, lines: dict[str, int], max_length: int) -> list[Cha
             c.fail(f"{p}.messages", "must be a list")
         for k, entry in enumerate(raw_messages):
             mp = f"{p}.messages[{k}]"
-            msg = c.mapping(mp, entry, {"sender", "content", "client_id"})
+            msg = c.mapping(mp, entry, {"sender", "content", "client_id", "reply_to", "reactions"})
             sender = c.check(f"{mp}.sender", validate.user_id, msg.get("sender"), "sender")
             # Even on a public chat (where posting joins): the chat may exist
             # already as private, and a half-seeded file is what we avoid.
@@ -215,6 +221,26 @@ def parse_plans(doc: object, lines: dict[str, int], max_length: int) -> list[Cha
                 occurrences[(sender, content)] = n + 1
                 cid = message_client_id(chat_id, sender, content, n)
             plan.messages.append((sender, content, cid))
+            if msg.get("reply_to") is not None:
+                target = msg["reply_to"]
+                if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < k:
+                    c.fail(f"{mp}.reply_to", "must be the index (from 0) of an earlier message")
+                plan.replies[k] = target
+            raw_reactions = msg.get("reactions")
+            if raw_reactions is not None:
+                if not isinstance(raw_reactions, dict) or len(raw_reactions) > MAX_EMOJI:
+                    c.fail(f"{mp}.reactions", f"must map at most {MAX_EMOJI} emoji to users")
+                reactions: dict[str, list[str]] = {}
+                for emoji, users in raw_reactions.items():
+                    ep = f"{mp}.reactions.{emoji}"
+                    c.check(ep, validate.emoji, emoji)
+                    if not isinstance(users, list) or not users:
+                        c.fail(ep, "must be a non-empty list of members")
+                    for user in users:
+                        if user not in members:
+                            c.fail(ep, f"{user!r} is not listed in the members of {chat_id!r}")
+                    reactions[emoji] = list(dict.fromkeys(users))
+                plan.reactions[k] = reactions
         plans.append(plan)
     return plans
 
@@ -287,12 +313,22 @@ async def apply_plan(domain, plan: ChatPlan, tally: Tally, advance) -> None:
         else:
             tally.members_added += 1
         existing[user] = role
-    for sender, content, cid in plan.messages:
-        posted = await domain.send(sender, plan.id, content, cid)
+    ids: list[int] = []
+    for k, (sender, content, cid) in enumerate(plan.messages):
+        parent = plan.replies.get(k)
+        posted = await domain.send(
+            sender, plan.id, content, cid,
+            reply_to=None if parent is None else ids[parent],
+        )  # fmt: skip
+        ids.append(posted.message["id"])
         if posted.created:
             tally.messages_sent += 1
         else:
             tally.messages_existing += 1
+        for emoji, users in plan.reactions.get(k, {}).items():
+            for user in users:  # the same reaction again changes nothing
+                if (await domain.react(user, posted.message["id"], emoji)).created:
+                    tally.reactions_added += 1
         advance(1)
 
 
@@ -349,8 +385,10 @@ def seed(
           messages:
             - {sender: alice, content: "Welcome!"}
             - {sender: bob, content: "Hi", client_id: "hi-1"}
+            - {sender: carol, content: "Hello!", reply_to: 0,   # answers message 0
+               reactions: {"👍": [alice, bob], ":tada:": [bob]}}
 
-    Every sender must be listed under members. Running the same file again
+    Every sender and reacting user must be listed under members. Running the same file again
     changes nothing; an existing chat gets the file's members and roles
     (others are kept; title and visibility are not changed). Nothing is
     written unless the whole file is valid.
@@ -381,5 +419,6 @@ def seed(
     click.echo(
         f"chats: {tally.chats_created} created, {tally.chats_existing} already there; "
         f"members: {tally.members_added} added, {tally.members_changed} re-roled; "
-        f"messages: {tally.messages_sent} sent, {tally.messages_existing} already there"
+        f"messages: {tally.messages_sent} sent, {tally.messages_existing} already there; "
+        f"reactions: {tally.reactions_added} added"
     )

@@ -64,11 +64,31 @@ def format_event(event: str, data: dict, fmt: str) -> str:
         return f"[{chat}] #{seq} deleted (id {data.get('id')})"
     if data.get("deleted"):
         return f"{data.get('created_at')} [{chat}] #{seq} {data.get('sender_id')}: (deleted)"
-    mark = " (edited)" if event == "message-updated" else ""
+    mark = ""
+    if event == "message-updated":
+        # An update is an edit, or (version 2) a reaction, pin or reply count.
+        mark = " (edited)" if data.get("edited_at") else " (updated)"
     return (
         f"{data.get('created_at')} [{chat}] #{seq} {data.get('sender_id')}{mark}: "
-        f"{data.get('content')}"
+        f"{data.get('content')}{_conversation(data)}"
     )
+
+
+def _conversation(data: dict) -> str:
+    """The version 2 fields a reader of the text wants, when they say something:
+    `` [reply to 1040] [2 replies] [pinned] [👍 2, :tada: 1]``."""
+    parts = []
+    if data.get("reply_to") is not None:
+        parts.append(f"reply to {data['reply_to']}")
+    if data.get("reply_count"):
+        parts.append(f"{data['reply_count']} repl{'y' if data['reply_count'] == 1 else 'ies'}")
+    if data.get("pinned"):
+        parts.append("pinned")
+    reactions = data.get("reactions")
+    if isinstance(reactions, list) and reactions:
+        parts.append(", ".join(f"{r.get('emoji')} {r.get('count')}" for r in reactions
+                               if isinstance(r, dict)))  # fmt: skip
+    return "".join(f" [{p}]" for p in parts)
 
 
 def decode(raw: bytes, rooms: set[str] | None) -> list[tuple[str, dict]]:

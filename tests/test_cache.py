@@ -171,7 +171,7 @@ async def test_send_edit_delete_are_never_hidden_by_the_cached_page(
     assert await contents(api, chat_id, "?include_deleted=true") == ["a2", None]
     page = (await api.get(f"/chats/{chat_id}/messages?limit=1&include_deleted=true")).json
     assert page == {
-        "messages": [{**b, "content": None, "deleted": True}],
+        "messages": [{**b, "content": None, "deleted": True, "version": 4}],
         "has_more": True,
     }
     c = (await api.send(chat_id, "c")).json

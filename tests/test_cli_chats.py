@@ -76,3 +76,35 @@ def test_export_of_unknown_chat_fails(chatctl):
     assert result.exit_code == 1
     assert "not found" in result.stderr
     assert chatctl("export").exit_code == 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_export_carries_the_version_2_fields(chatctl, api, chat_id):
+    await api.create_chat(chat_id, members=["bob"])
+    parent = (await api.send(chat_id, "q")).json
+    await api.send(chat_id, "a", user="bob", reply_to=parent["id"])
+    await api.put(f"/messages/{parent['id']}/reactions/%F0%9F%91%8D", user="bob")
+    await api.put(f"/chats/{chat_id}/pins/{parent['id']}")
+    expected = (await api.get(f"/chats/{chat_id}/messages")).json["messages"]
+    result = await asyncio.to_thread(chatctl, "export", "--chat", chat_id)
+    rows = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert rows == expected
+    assert (rows[0]["reply_count"], rows[0]["pinned"], rows[0]["version"]) == (1, True, 5)
+    assert rows[0]["reactions"] == [{"emoji": "👍", "count": 1, "users": ["bob"]}]
+    assert rows[1]["reply_to"] == parent["id"]
+
+
+def test_tail_text_shows_replies_reactions_and_pins():
+    from cli.tail import format_event
+
+    base = {"chat_id": "c", "seq": 3, "sender_id": "bob", "created_at": "T", "content": "hi",
+            "edited_at": None, "deleted": False}  # fmt: skip
+    assert format_event("new-message", base, "text") == "T [c] #3 bob: hi"
+    full = {**base, "reply_to": 7, "reply_count": 2, "pinned": True,
+            "reactions": [{"emoji": "👍", "count": 2, "users": []},
+                          {"emoji": ":tada:", "count": 1, "users": []}]}  # fmt: skip
+    assert format_event("message-updated", full, "text") == (
+        "T [c] #3 bob (updated): hi [reply to 7] [2 replies] [pinned] [👍 2, :tada: 1]"
+    )
+    edited = {**base, "edited_at": "T2"}
+    assert format_event("message-updated", edited, "text") == "T [c] #3 bob (edited): hi"

@@ -19,12 +19,18 @@ def test_migrate_applies_pending_files_then_has_nothing_to_do(chatctl, empty_dat
     assert query(empty_database_url, "SELECT to_regclass('chats')") == [(None,)]
 
     status = chatctl("migrate", "--status", DATABASE_URL=empty_database_url)
-    assert status.stdout.split() == ["pending", "001_schema.sql"]
+    assert status.stdout.split() == [
+        "pending",
+        "001_schema.sql",
+        "pending",
+        "002_conversations.sql",
+    ]
 
     first = chatctl("migrate", DATABASE_URL=empty_database_url)
     assert first.exit_code == 0, first.output
     assert "applying 001_schema.sql" in first.stdout
-    assert "applied 1 migration(s)" in first.stdout
+    assert "applying 002_conversations.sql" in first.stdout
+    assert "applied 2 migration(s)" in first.stdout
     assert query(empty_database_url, "SELECT to_regclass('chats') IS NOT NULL") == [(True,)]
 
     again = chatctl("migrate", DATABASE_URL=empty_database_url)
@@ -71,8 +77,9 @@ def test_two_admins_migrating_at_once_both_succeed_and_each_file_applies_once(
     assert sum("applying 001_schema.sql" in o for o in outputs) == 1, outputs
     assert sum("nothing to apply" in o for o in outputs) == 1, outputs
     assert all("waiting for another migration run" in o for o in outputs), outputs
-    assert query(empty_database_url, "SELECT version FROM schema_migrations") == [
-        ("001_schema.sql",)
+    assert query(empty_database_url, "SELECT version FROM schema_migrations ORDER BY version") == [
+        ("001_schema.sql",),
+        ("002_conversations.sql",),
     ]
 
 

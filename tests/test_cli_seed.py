@@ -276,3 +276,108 @@ def test_two_seeds_of_one_file_at_once_write_each_message_once_in_file_order(
     assert codes == [0, 0], [p.err for p in procs]
     rows = _messages(database_url, a)
     assert [(r[1], r[3]) for r in rows] == [(i + 1, f"msg {i}") for i in range(40)]
+
+
+def test_seed_takes_replies_and_reactions_once(chatctl, database_url, tmp_path):
+    a, _ = _ids()
+    text = f"""\
+        chats:
+          - id: {a}
+            title: Threads
+            members: [{{user: alice, role: owner}}, bob, carol]
+            messages:
+              - {{sender: alice, content: "question"}}
+              - sender: bob
+                content: "answer"
+                reply_to: 0
+                reactions: {{"👍🏽": [alice, carol], ":tada:": [alice]}}
+        """
+    path = _write(tmp_path, "threads.yaml", text)
+    for reactions_added in (3, 0):  # the second run changes nothing
+        result = chatctl("seed", path)
+        assert result.exit_code == 0, result.output
+        assert f"reactions: {reactions_added} added" in result.stdout
+    rows = query(
+        database_url,
+        "SELECT seq, reply_to, reply_count, reactions::text, version FROM messages"
+        " WHERE chat_id = %s ORDER BY seq",
+        (a,),
+    )
+    first_id = _messages(database_url, a)[0][0]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(1, None, 1), (2, first_id, 0)]
+    assert orjson.loads(rows[1][3]) == [
+        {"emoji": "👍🏽", "count": 2, "users": ["alice", "carol"]},
+        {"emoji": ":tada:", "count": 1, "users": ["alice"]},
+    ]
+    assert rows[1][4] == 6  # 2 sends, the parent's reply count, 3 reactions
+
+
+@pytest.mark.parametrize(
+    ("message", "key"),
+    [
+        ('{sender: alice, content: "x", reply_to: 0}', "reply_to"),
+        ('{sender: alice, content: "x", reactions: {"nope": [alice]}}', "reactions.nope"),
+        ('{sender: alice, content: "x", reactions: {"👍": [mallory]}}', "reactions.👍"),
+    ],
+)
+def test_seed_refuses_bad_replies_and_reactions_by_key(chatctl, tmp_path, message, key):
+    a, _ = _ids()
+    text = f"""\
+        chats:
+          - id: {a}
+            title: Bad
+            members: [{{user: alice, role: owner}}]
+            messages:
+              - {message}
+        """
+    result = chatctl("seed", _write(tmp_path, "bad.yaml", text))
+    assert result.exit_code == 2, result.output
+    assert f"messages[0].{key}" in result.output
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_seed_tells_running_chatd_of_new_chats_reactions_and_replies(
+    chatctl, chatd, tmp_path
+):
+    """Through the write-only emitter: chat-added to the members' sockets, and
+    the reply's parent and each reaction as message-updated, in version order."""
+    a, _ = _ids()
+    client = await SocketClient(f"http://127.0.0.1:{chatd.port}", user="bob").connect()
+    try:
+        path = _write(
+            tmp_path,
+            "live2.yaml",
+            f"""\
+            - id: {a}
+              title: Live
+              members: [{{user: alice, role: owner}}, bob]
+              messages:
+                - {{sender: alice, content: "q", reactions: {{":ok:": [bob]}}}}
+            """,
+        )
+        result = await asyncio.to_thread(chatctl, "seed", path)
+        assert result.exit_code == 0, result.output
+        added = await client.wait_for("chat-added")
+        assert added["chat"]["id"] == a and added["chat"]["title"] == "Live"
+        assert "members" not in added["chat"]
+        assert (await client.call("join-chat", {"chat_id": a, "since_version": 0}))["ok"]
+        path2 = _write(
+            tmp_path,
+            "live3.yaml",
+            f"""\
+            - id: {a}
+              title: Live
+              members: [{{user: alice, role: owner}}, bob]
+              messages:
+                - {{sender: alice, content: "q", reactions: {{":ok:": [bob]}}}}
+                - {{sender: bob, content: "a", reply_to: 0, reactions: {{":ok:": [alice]}}}}
+            """,
+        )
+        result = await asyncio.to_thread(chatctl, "seed", path2)
+        assert result.exit_code == 0, result.output
+        await client.wait_for("message-updated", lambda m: m["content"] == "a")
+        updated = [(m["content"], m["version"]) for m in client.of("message-updated")]
+        assert updated == [("q", 4), ("a", 5)]  # the parent's reply count, then the reaction
+        assert [m["version"] for m in client.of("new-message")] == [3]
+    finally:
+        await client.close()

@@ -59,7 +59,7 @@ async def test_tail_prints_sends_edits_and_deletes_from_every_chatd_process(
             {"event": "new-message", "data": m2},
             {"event": "message-updated", "data": edited},
             {"event": "message-deleted", "data": {"id": m2["id"], "chat_id": chat_id,
-                                                  "seq": 2}},
+                                                  "seq": 2, "version": 4}},
         ]  # fmt: skip
         assert as_text.out[0] == f"{m1['created_at']} [{chat_id}] #1 alice: hello from one"
         assert as_text.out[2].endswith("#1 alice (edited): edited")

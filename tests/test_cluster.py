@@ -92,7 +92,8 @@ async def test_rest_send_on_one_process_reaches_sockets_on_the_others(three, cha
         assert (await carol.wait_for("message-updated"))["content"] == "edited"
         await Api(a.url).delete(f"/messages/{sent['id']}")
         gone = await bob.wait_for("message-deleted")
-        assert gone == {"id": sent["id"], "chat_id": chat_id, "seq": 1}
+        # Version 2 adds the version: sent 1, edited 2, deleted 3.
+        assert gone == {"id": sent["id"], "chat_id": chat_id, "seq": 1, "version": 3}
         assert len(bob.of("new-message")) == 1 and len(carol.of("new-message")) == 1
     finally:
         await close_all(bob, carol)

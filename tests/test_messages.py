@@ -22,6 +22,12 @@ MESSAGE_KEYS = [
     "client_id",
     "created_at",
     "edited_at",
+    # API.md version 2 adds these (additions only; "deleted" stays last).
+    "version",
+    "reply_to",
+    "reply_count",
+    "reactions",
+    "pinned",
     "deleted",
 ]
 
@@ -255,7 +261,8 @@ async def test_deleted_messages_are_hidden_by_default_and_tombstones_with_includ
     full = (await api.get(f"{base}?include_deleted=true")).json
     assert [m["seq"] for m in full["messages"]] == [1, 2, 3, 4, 5]
     tomb = full["messages"][1]
-    assert tomb == {**sent[1], "content": None, "deleted": True}
+    # Version 2: the delete is the chat's 6th change (5 sends before it).
+    assert tomb == {**sent[1], "content": None, "deleted": True, "version": 6}
 
     # has_more counts what the page would show: only deleted rows beyond it -> False.
     page = (await api.get(f"{base}?limit=2&before_seq=4")).json
@@ -315,9 +322,11 @@ async def test_edit_changes_content_and_sets_edited_at(api, chat_id):
     edited = resp.json
     assert edited["content"] == "fixed"
     assert TS_RE.match(edited["edited_at"])
-    assert {k: v for k, v in edited.items() if k not in ("content", "edited_at")} == {
-        k: v for k, v in msg.items() if k not in ("content", "edited_at")
+    changed = ("content", "edited_at", "version")  # version: API.md version 2
+    assert {k: v for k, v in edited.items() if k not in changed} == {
+        k: v for k, v in msg.items() if k not in changed
     }
+    assert edited["version"] == msg["version"] + 1
     page = (await api.get(f"/chats/{chat_id}/messages")).json
     assert page["messages"] == [edited]
 

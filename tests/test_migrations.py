@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import psycopg2
 import pytest
 from click.testing import CliRunner
 
@@ -22,9 +23,11 @@ from .helpers import pg_query as pg
 
 @pytest.fixture
 def sql_copy(tmp_path):
-    """A private copy of sql/ plus a second migration, for CHATD_SQL_DIR."""
+    """A private copy of sql/001 plus a second migration, for CHATD_SQL_DIR
+    (the mechanism under test; the real 002 has its own tests below)."""
     directory = tmp_path / "sql"
-    shutil.copytree(ROOT / "sql", directory)
+    directory.mkdir()
+    shutil.copy(ROOT / "sql" / "001_schema.sql", directory)
     (directory / "002_extra.sql").write_text("CREATE TABLE extra_test (id int);\n")
     (directory / "README.txt").write_text("not a migration")
     (directory / "notes.sql").write_text("-- no number: not a migration")
@@ -149,3 +152,50 @@ def test_chatd_refuses_to_start_on_an_unmigrated_database(empty_database_url, tm
     assert len(lines) == 1, result.stderr
     assert "chatctl migrate" in lines[0] and "001_schema.sql" in lines[0]
     assert "listening" not in result.stderr
+
+
+# -- the upgrade to version 2 (sql/002_conversations.sql) -----------------------
+
+
+def test_upgrading_a_populated_v1_database_gives_every_message_a_version(
+    empty_database_url, tmp_path
+):
+    """A version 1 database with chats, edits and deletes in it: after 002,
+    every message has a version, distinct within its chat, none above the
+    chat's, whose counter moved past them all (so a page cached by version 1
+    is never served again), and chatd's rules hold on the upgraded rows."""
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    shutil.copy(ROOT / "sql" / "001_schema.sql", v1)
+    assert migrations.migrate(empty_database_url, v1) == ["001_schema.sql"]
+    pg(
+        empty_database_url,
+        """INSERT INTO chats (id, title, created_by, last_seq, version) VALUES
+               ('a', 'A', 'alice', 3, 5), ('b', 'B', 'carol', 2, 1), ('empty', 'E', 'x', 0, 0);
+           INSERT INTO chat_members (chat_id, user_id, role) VALUES ('a', 'alice', 'owner');
+           INSERT INTO messages (chat_id, seq, sender_id, content, deleted, edited_at) VALUES
+               ('a', 1, 'alice', 'one', false, now()), ('a', 2, 'bob', NULL, true, NULL),
+               ('a', 3, 'alice', 'three', false, NULL),
+               ('b', 1, 'carol', 'x', false, NULL), ('b', 2, 'carol', 'y', false, NULL)""",
+    )
+    assert migrations.migrate(empty_database_url) == ["002_conversations.sql"]
+    rows = pg(empty_database_url, "SELECT chat_id, seq, version FROM messages ORDER BY 1, 2")
+    # Above each chat's old version, in seq order.
+    assert rows == [("a", 1, 6), ("a", 2, 7), ("a", 3, 8), ("b", 1, 2), ("b", 2, 3)]
+    chats = pg(empty_database_url, "SELECT id, version FROM chats ORDER BY id")
+    assert chats == [("a", 8), ("b", 3), ("empty", 0)]
+    defaults = pg(
+        empty_database_url,
+        "SELECT DISTINCT reply_to, reply_count, reactions::text, pinned_at FROM messages",
+    )
+    assert defaults == [(None, 0, "[]", None)]
+    # A version 1 writer that sets no version gets the chat's next one.
+    pg(
+        empty_database_url,
+        "INSERT INTO messages (chat_id, seq, sender_id, content) VALUES ('a', 4, 'alice', 'v1')",
+    )
+    assert pg(empty_database_url, "SELECT version FROM messages WHERE seq = 4") == [(9,)]
+    assert pg(empty_database_url, "SELECT version FROM chats WHERE id = 'a'") == [(9,)]
+    # One change, one version: the index refuses two messages of a chat at one.
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        pg(empty_database_url, "UPDATE messages SET version = 6 WHERE chat_id = 'a' AND seq = 3")

@@ -72,6 +72,7 @@ class World:
         self.tag = uuid.uuid4().hex[:10]
         self.private = f"oa-priv-{self.tag}"
         self.public = f"oa-pub-{self.tag}"
+        self.pins = 0
 
     async def setup(self) -> None:
         await self.api.create_chat(self.private, members=["bob"])
@@ -84,7 +85,8 @@ class World:
 
 
 def _path(route: str, w: World, **values) -> str:
-    values = {"chat_id": w.private, "user_id": "bob", "id": "1", **values}
+    values = {"chat_id": w.private, "user_id": "bob", "id": "1", "message_id": "1",
+              "emoji": "%F0%9F%91%8D", **values}  # fmt: skip
     return re.sub(r"\{([^}]+)\}", lambda m: str(values[m.group(1)]), route)
 
 
@@ -160,6 +162,51 @@ async def _scenario(w: World, route: str, method: str, code: int):
         target = 2**52 if code == 404 else mid
         body = {"content": "" if code == 400 else "edited"}
         return await api.patch(p(id=target), body, user="bob" if code == 403 else "alice")
+    # -- version 2 --
+    gone = f"nope-{w.tag}"
+    if route == "/chats/{chat_id}/changes":
+        query = {200: "?since_version=0", 400: "?since_version=-1", 404: ""}[code]
+        return await api.get(p(chat_id=gone if code == 404 else w.private) + query)
+    if route == "/chats/{chat_id}/pins" and method == "GET":
+        return await api.get(p(chat_id={200: w.private, 400: "bad!id", 404: gone}[code]))
+    if route == "/chats/{chat_id}/pins/{message_id}":
+        mid = await w.message()
+        if code == 200:
+            return await api.request(method, p(message_id=mid))
+        if code == 400:
+            return await api.request(method, p(message_id="x"))
+        if code == 403:
+            return await api.request(method, p(message_id=mid), user="bob")
+        if code == 404:
+            return await api.request(method, p(message_id=mid), user="mallory")
+        if code == 409:
+            for _ in range(50 - w.pins):
+                await api.put(p(message_id=await w.message()))
+            w.pins = 50
+            return await api.put(p(message_id=mid))
+    if route in ("/messages/{id}/replies", "/messages/{id}/history"):
+        mid = await w.message()
+        if code == 200:
+            return await api.get(p(id=mid))
+        if code == 400:
+            return await api.get(p(id="x"))
+        if code == 404:
+            return await api.get(p(id=mid), user="mallory")
+    if route == "/messages/{id}/reactions/{emoji}":
+        mid = await w.message()
+        if code == 200:
+            return await api.request(method, p(id=mid))
+        if code == 400:
+            return await api.request(method, p(id=mid, emoji="abc"))
+        if code == 403:
+            pub = await api.send(w.public, "pub")
+            return await api.request(method, p(id=pub.json["id"]), user="mallory")
+        if code == 404:
+            return await api.request(method, p(id=mid), user="mallory")
+        if code == 409:
+            for i in range(20):
+                await api.put(p(id=mid, emoji=f":e{i}:"))
+            return await api.put(p(id=mid))
     if code == 200 and route in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         return await api.get(route, user=None)
     return None

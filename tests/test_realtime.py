@@ -13,6 +13,8 @@ from .helpers import SocketClient
 
 MESSAGE_KEYS = [
     "id", "chat_id", "seq", "sender_id", "content", "client_id", "created_at", "edited_at",
+    # API.md version 2 adds these (additions only; "deleted" stays last).
+    "version", "reply_to", "reply_count", "reactions", "pinned",
     "deleted",
 ]  # fmt: skip
 
@@ -60,7 +62,7 @@ async def test_join_chat_with_since_seq_returns_exactly_the_missed_messages(url,
         assert ack["last_seq"] == 5 and ack["has_more"] is False
         assert ack["missed"] == [
             sent[2],
-            {**sent[3], "content": None, "deleted": True},
+            {**sent[3], "content": None, "deleted": True, "version": 6},
             sent[4],
         ]
         ack = await bob.call("join-chat", {"chat_id": chat_id, "since_seq": 5})
@@ -96,7 +98,7 @@ async def test_reconnect_with_since_seq_recovers_what_was_sent_while_away(url, a
         assert ack["missed"] == [
             edited,
             away[1],
-            {**away[2], "content": None, "deleted": True},
+            {**away[2], "content": None, "deleted": True, "version": 6},
             away[3],
         ]
         # And from here on events flow again.
@@ -216,7 +218,9 @@ async def test_rest_send_edit_delete_emit_exact_payloads(url, api, chat_id):
         assert edited["content"] == "hello!" and edited["edited_at"] is not None
         assert (await api.delete(f"/messages/{sent['id']}")).status == 204
         deleted = await bob.wait_for("message-deleted")
-        assert deleted == {"id": sent["id"], "chat_id": chat_id, "seq": sent["seq"]}
+        # Version 2 adds the tombstone's version (the change after the edit).
+        assert deleted == {"id": sent["id"], "chat_id": chat_id, "seq": sent["seq"],
+                           "version": edited["version"] + 1}  # fmt: skip
         # Deleting again is 204 and emits nothing more.
         assert (await api.delete(f"/message/?id={sent['id']}")).status == 204
         await settle(bob, api, chat_id)
