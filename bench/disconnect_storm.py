@@ -301,8 +301,10 @@ def serve_profiled(out: str) -> None:
 def serve_traced(out: str) -> None:
     """python -m chatd with every event-loop turn timed (from SIGUSR1 to
     SIGUSR2): the turns longer than 20 ms are written to ``out`` as JSON
-    lines, each with its duration, how many callbacks it ran and the time
+    lines, each with its duration (and the CPU time the process had in it:
+    less means the machine ran something else meanwhile), how many callbacks it ran and the time
     spent per callback (by function name), longest first."""
+    import gc
     from asyncio import base_events, events
 
     from chatd.server import main as chatd_main
@@ -337,18 +339,36 @@ def serve_traced(out: str) -> None:
             return run_once(self)
         state["cur"] = cur = {}
         t = time.perf_counter()
+        cpu = time.thread_time()
         try:
             return run_once(self)
         finally:
             dt = time.perf_counter() - t
+            cpu = time.thread_time() - cpu
             state["cur"] = None
             if dt > 0.02:
                 top = sorted(cur.items(), key=lambda kv: -kv[1][1])[:8]
                 long_turns.append({
                     "at": round(time.monotonic(), 3), "ms": round(dt * 1000, 1),
+                    "cpu_ms": round(cpu * 1000, 1),
                     "callbacks": sum(n for n, _ in cur.values()),
                     "top": [[k, n, round(s * 1000, 1)] for k, (n, s) in top],
                 })  # fmt: skip
+
+    gc_times: list = []
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        if not state["on"]:
+            return
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            dt = time.perf_counter() - gc_start[0]
+            if dt > 0.005:
+                gc_times.append([info["generation"], round(dt * 1000, 1), info["collected"]])
+
+    gc.callbacks.append(on_gc)
 
     def start(*_):
         state["on"] = True
@@ -356,7 +376,8 @@ def serve_traced(out: str) -> None:
     def dump(*_):
         state["on"] = False
         selector = getattr(asyncio.get_event_loop(), "chatd_selector", None)
-        long_turns.append({"deferred_total": getattr(selector, "deferred_total", None)})
+        long_turns.append({"deferred_total": getattr(selector, "deferred_total", None),
+                           "gc_over_5ms": gc_times})  # fmt: skip
         with open(out, "wb") as f:
             for turn in long_turns:
                 f.write(orjson.dumps(turn) + b"\n")

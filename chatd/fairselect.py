@@ -41,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import selectors
+import socket
 
 # Websocket events handed to the loop per select() call while a storm lasts.
-BULK_PER_TURN = 64
+BULK_PER_TURN = 16
 
 
 class FairSelector(selectors.EpollSelector):
@@ -134,10 +135,44 @@ class FairSelector(selectors.EpollSelector):
         return out
 
     def close(self):
+        global _current
+        if _current is self:
+            _current = None
         self._waiting.clear()
         self._parked.clear()
         self._bulk.clear()
         super().close()
+
+
+# The selector of the running chatd loop (new_loop), for the checks below.
+_current: FairSelector | None = None
+
+
+def storming() -> bool:
+    """Whether websocket events are waiting their turn now (cheap: called for
+    every packet a socket sends)."""
+    sel = _current
+    return sel is not None and bool(sel._parked)
+
+
+def waiting(fd: int) -> bool:
+    """Whether this descriptor was reported ready and waits its turn."""
+    sel = _current
+    return sel is not None and fd in sel._parked
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether this socket waits its turn because its peer is gone: what the
+    kernel has for it to read is the end (or a reset). Data sent before the
+    end counts as not gone (it is read first, in its turn)."""
+    if not waiting(sock.fileno()):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def mark_bulk(loop, fd: int) -> None:
@@ -161,7 +196,9 @@ def unmark_bulk(loop, fd: int) -> None:
 
 def new_loop(per_turn: int = BULK_PER_TURN) -> asyncio.AbstractEventLoop:
     """asyncio's selector loop, with a :class:`FairSelector`."""
+    global _current
     selector = FairSelector(per_turn)
     loop = asyncio.SelectorEventLoop(selector)
     loop.chatd_selector = selector
+    _current = selector
     return loop

@@ -166,3 +166,37 @@ def test_asyncio_loop_answers_a_request_arriving_during_a_storm_within_turns():
     finally:
         loop.close()
         close_all([*ps, (req, client)])
+
+
+def test_peer_gone_only_for_a_waiting_descriptor_whose_peer_ended():
+    """What DirectSocket asks before writing during a storm: a waiting
+    descriptor with only the end to read is gone; one with data first, or
+    not waiting, is not (and the peek consumes nothing)."""
+    loop = fairselect.new_loop(per_turn=1)
+    sel = loop.chatd_selector
+    ps = pairs(4)
+    lead, ended, talked, idle = ps
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        assert not fairselect.storming()
+        lead[1].send(b"x")  # ready first: handed out (epoll keeps ready order)
+        ended[1].close()
+        talked[1].send(b"42")
+        talked[1].close()
+        first = sel.select(0)
+        assert [k.fd for k, _ in first] == [lead[0].fileno()]
+        assert fairselect.storming()
+        for a, _ in (ended, talked):
+            assert fairselect.waiting(a.fileno())
+        assert fairselect.peer_gone(ended[0])
+        assert not fairselect.peer_gone(talked[0])
+        assert talked[0].recv(10) == b"42"  # the peek took nothing
+        assert not fairselect.peer_gone(idle[0])  # not waiting
+        lead[1].close()
+        assert not fairselect.peer_gone(lead[0])  # its turn came: not waiting
+    finally:
+        loop.close()
+        close_all(ps)
+    assert not fairselect.storming()  # the loop's selector is closed
