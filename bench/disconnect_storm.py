@@ -65,6 +65,11 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
+def slowest(samples: list, since: float, n: int = 3) -> list:
+    top = sorted(samples, key=lambda s: -s[2])[:n]
+    return [[round(ts - since, 2), round(dt * 1000, 1)] for ts, _, dt in top]
+
+
 # -- the holder: N sockets in a process of their own ------------------------------
 
 
@@ -216,7 +221,7 @@ class Run:
                 chatd.send_signal(signal.SIGUSR1)
             killed = time.monotonic()
             holder.send_signal(signal.SIGKILL)
-            holder.wait()
+            await loop.run_in_executor(None, holder.wait)
             # Until chatd reports the sockets gone (and presence settled).
             online_key = f"{prefix}:{{presence}}:chat:"
             gone = None
@@ -228,10 +233,16 @@ class Run:
             settled = None
             if gone is not None:
                 # Presence: the keepers (and u0, who kept a socket) and nobody else.
-                while time.monotonic() - killed < 120:
+                # (In a thread: 100 blocking Redis calls on this loop would
+                # delay the samplers' requests and inflate their latencies.)
+                def online() -> set[str]:
                     users = set()
                     for c in range(a.chats):
                         users |= {u.decode() for u in r.hkeys(f"{online_key}c{c}")}
+                    return users
+
+                while time.monotonic() - killed < 120:
+                    users = await loop.run_in_executor(None, online)
                     if users == {f"k{c}" for c in range(a.chats)} | {"u0"}:
                         settled = time.monotonic() - killed
                         break
@@ -257,6 +268,8 @@ class Run:
                 "send_ms_storm_p50_p99_max": [
                     round(pct(storm_s, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
                 "samples": [len(storm_h), len(storm_s)], "non_2xx": len(bad),
+                # The 3 slowest of each: [s after the kill when answered, ms].
+                "slowest_healthz": slowest(health, killed), "slowest_send": slowest(sends, killed),
             }  # fmt: skip
             for s in [*keepers, u0, probe]:
                 await s.close()
