@@ -78,8 +78,14 @@ class FairSelector(selectors.EpollSelector):
             return False
         self._parked.discard(fd)
         key = self._fd_to_key.get(fd)
-        if key is not None:
+        if key is None:
+            return False
+        try:
             self._selector.register(fd, self._kernel_mask(key.events))
+        except OSError:
+            # Closed without being unregistered: the kernel forgets such a
+            # descriptor by itself, and nothing is left to hand out.
+            return False
         return True
 
     def register(self, fileobj, events, data=None):
@@ -130,7 +136,10 @@ class FairSelector(selectors.EpollSelector):
                 out.append((key, events))
                 budget -= 1
             else:
-                self._selector.unregister(fd)
+                try:
+                    self._selector.unregister(fd)
+                except OSError:  # closed meanwhile: the kernel forgot it
+                    continue
                 self._parked.add(fd)
                 waiting.append((fd, events))
                 self.deferred_total += 1

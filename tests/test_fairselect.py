@@ -200,3 +200,30 @@ def test_peer_gone_only_for_a_waiting_descriptor_whose_peer_ended():
         loop.close()
         close_all(ps)
     assert not fairselect.storming()  # the loop's selector is closed
+
+
+def test_a_waiting_descriptor_closed_without_unregistering_breaks_nothing():
+    """The loop must survive a descriptor closed behind its back while it
+    waits (asyncio's own selectors tolerate that too): it is simply not
+    handed out, and the others are."""
+    sel = fairselect.FairSelector(per_turn=1)
+    ps = pairs(3)
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        for _, b in ps:
+            b.close()
+        first = sel.select(0)
+        assert len(first) == 1
+        closed = next(a for a, _ in ps if a.fileno() != first[0][0].fd)
+        sel.unregister(first[0][0].fileobj)
+        closed.close()  # no unregister: the selector's map still has it
+        handed = []
+        for _ in range(4):
+            handed += [k.fd for k, _ in sel.select(0)]
+        third = next(a for a, _ in ps if a.fileno() not in (-1, first[0][0].fd))
+        assert set(handed) == {third.fileno()}  # (reported again: not read)
+    finally:
+        sel.close()
+        close_all([p for p in ps if p[0].fileno() != -1])
