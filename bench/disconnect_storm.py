@@ -65,6 +65,11 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p))]
 
 
+def slowest(samples: list, since: float, n: int = 3) -> list:
+    top = sorted(samples, key=lambda s: -s[2])[:n]
+    return [[round(ts - since, 2), round(dt * 1000, 1)] for ts, _, dt in top]
+
+
 # -- the holder: N sockets in a process of their own ------------------------------
 
 
@@ -155,6 +160,9 @@ class Run:
         if a.profile:
             cmd = [sys.executable, str(ROOT / "bench" / "disconnect_storm.py"), "--serve-profiled",
                    a.profile]  # fmt: skip
+        elif a.turns:
+            cmd = [sys.executable, str(ROOT / "bench" / "disconnect_storm.py"), "--serve-traced",
+                   a.turns]  # fmt: skip
         log = open(log_path, "wb")  # noqa: SIM115
         chatd = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd="/tmp")
         holder = None
@@ -209,11 +217,11 @@ class Run:
             base_s = [dt for _, _, dt in sends]
             health.clear()
             sends.clear()
-            if a.profile:  # the storm only
+            if a.profile or a.turns:  # the storm only
                 chatd.send_signal(signal.SIGUSR1)
             killed = time.monotonic()
             holder.send_signal(signal.SIGKILL)
-            holder.wait()
+            await loop.run_in_executor(None, holder.wait)
             # Until chatd reports the sockets gone (and presence settled).
             online_key = f"{prefix}:{{presence}}:chat:"
             gone = None
@@ -225,16 +233,22 @@ class Run:
             settled = None
             if gone is not None:
                 # Presence: the keepers (and u0, who kept a socket) and nobody else.
-                while time.monotonic() - killed < 120:
+                # (In a thread: 100 blocking Redis calls on this loop would
+                # delay the samplers' requests and inflate their latencies.)
+                def online() -> set[str]:
                     users = set()
                     for c in range(a.chats):
                         users |= {u.decode() for u in r.hkeys(f"{online_key}c{c}")}
+                    return users
+
+                while time.monotonic() - killed < 120:
+                    users = await loop.run_in_executor(None, online)
                     if users == {f"k{c}" for c in range(a.chats)} | {"u0"}:
                         settled = time.monotonic() - killed
                         break
                     await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-            if a.profile:
+            if a.profile or a.turns:
                 chatd.send_signal(signal.SIGUSR2)
             stop.set()
             await asyncio.gather(*samplers)
@@ -254,6 +268,8 @@ class Run:
                 "send_ms_storm_p50_p99_max": [
                     round(pct(storm_s, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
                 "samples": [len(storm_h), len(storm_s)], "non_2xx": len(bad),
+                # The 3 slowest of each: [s after the kill when answered, ms].
+                "slowest_healthz": slowest(health, killed), "slowest_send": slowest(sends, killed),
             }  # fmt: skip
             for s in [*keepers, u0, probe]:
                 await s.close()
@@ -295,7 +311,101 @@ def serve_profiled(out: str) -> None:
     chatd_main([])
 
 
+def serve_traced(out: str) -> None:
+    """python -m chatd with every event-loop turn timed (from SIGUSR1 to
+    SIGUSR2): the turns longer than 20 ms are written to ``out`` as JSON
+    lines, each with its duration (and the CPU time the process had in it:
+    less means the machine ran something else meanwhile), how many callbacks it ran and the time
+    spent per callback (by function name), longest first."""
+    import gc
+    from asyncio import base_events, events
+
+    from chatd.server import main as chatd_main
+
+    state = {"on": False, "cur": None}
+    long_turns: list = []
+    run_once = base_events.BaseEventLoop._run_once
+    handle_run = events.Handle._run
+
+    def name_of(cb) -> str:
+        cb = getattr(cb, "__func__", cb)
+        owner = getattr(cb, "__self__", None)
+        if owner is not None and hasattr(owner, "get_coro"):  # a Task's __step / __wakeup
+            coro = owner.get_coro()
+            return f"task:{getattr(coro, '__qualname__', type(coro).__name__)}"
+        return getattr(cb, "__qualname__", None) or type(cb).__name__
+
+    def timed_run(self):
+        cur = state["cur"]
+        if cur is None:
+            return handle_run(self)
+        t = time.perf_counter()
+        try:
+            return handle_run(self)
+        finally:
+            key = name_of(self._callback)
+            n, s = cur.get(key, (0, 0.0))
+            cur[key] = (n + 1, s + time.perf_counter() - t)
+
+    def timed_run_once(self):
+        if not state["on"]:
+            return run_once(self)
+        state["cur"] = cur = {}
+        t = time.perf_counter()
+        cpu = time.thread_time()
+        try:
+            return run_once(self)
+        finally:
+            dt = time.perf_counter() - t
+            cpu = time.thread_time() - cpu
+            state["cur"] = None
+            if dt > 0.02:
+                top = sorted(cur.items(), key=lambda kv: -kv[1][1])[:8]
+                long_turns.append({
+                    "at": round(time.monotonic(), 3), "ms": round(dt * 1000, 1),
+                    "cpu_ms": round(cpu * 1000, 1),
+                    "callbacks": sum(n for n, _ in cur.values()),
+                    "top": [[k, n, round(s * 1000, 1)] for k, (n, s) in top],
+                })  # fmt: skip
+
+    gc_times: list = []
+    gc_start = [0.0]
+
+    def on_gc(phase, info):
+        if not state["on"]:
+            return
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            dt = time.perf_counter() - gc_start[0]
+            if dt > 0.005:
+                gc_times.append([info["generation"], round(dt * 1000, 1), info["collected"]])
+
+    gc.callbacks.append(on_gc)
+
+    def start(*_):
+        state["on"] = True
+
+    def dump(*_):
+        state["on"] = False
+        selector = getattr(asyncio.get_event_loop(), "chatd_selector", None)
+        long_turns.append({"deferred_total": getattr(selector, "deferred_total", None),
+                           "gc_over_5ms": gc_times})  # fmt: skip
+        with open(out, "wb") as f:
+            for turn in long_turns:
+                f.write(orjson.dumps(turn) + b"\n")
+
+    base_events.BaseEventLoop._run_once = timed_run_once
+    events.Handle._run = timed_run
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, dump)
+    chatd_main([])
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-traced":
+        serve_traced(sys.argv[2])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--hold":
         asyncio.run(hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
         return
@@ -316,6 +426,7 @@ def main() -> None:
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", default="")
+    p.add_argument("--turns", default="", help="write the storm's turns over 20 ms here")
     p.add_argument("--keep-log", action="store_true")
     args = p.parse_args()
     print(orjson.dumps(asyncio.run(Run(args).main())).decode(), flush=True)

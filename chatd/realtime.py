@@ -65,6 +65,14 @@ side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
 ``finish``, ``_finish_request``,
 ``HTTP1ServerConnection._server_request_loop`` and ``HTTPServer.handle_stream``
 (chatd.server.HTTPServer).
+
+The event loop is asyncio's, built on chatd.fairselect's selector (through
+``SelectorEventLoop(selector)``, asyncio's own hook; the selector extends
+``selectors.EpollSelector``'s ``select`` / ``register`` / ``unregister`` /
+``modify``): websockets, marked in the Socket.IO handler's ``open`` /
+``on_close`` (chatd.server), wait their turn in a storm (exercised by
+tests/test_fairselect.py, and by tests/test_disconnect_storm.py's 300 sockets
+ending in one turn).
 """
 
 from __future__ import annotations

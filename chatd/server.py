@@ -46,6 +46,7 @@ from . import (
     cache,
     config,
     embedded,
+    fairselect,
     httpconn,
     limits,
     migrations,
@@ -269,6 +270,24 @@ class Chatd:
                 # incoming frames (four deques, ~3 KB); this inbox does the same
                 # job in a list and one future.
                 self.receive_queue = _Inbox()
+
+            def open(self, *args, **kwargs):
+                # Upgraded: this connection's events may wait their turn when
+                # thousands of websockets are ready at once (chatd.fairselect).
+                conn = self.ws_connection
+                sock = getattr(conn.stream, "socket", None) if conn is not None else None
+                if sock is not None:
+                    self._bulk_fd = sock.fileno()
+                    fairselect.mark_bulk(asyncio.get_running_loop(), self._bulk_fd)
+                return super().open(*args, **kwargs)
+
+            _bulk_fd = None
+
+            def on_close(self):
+                if self._bulk_fd is not None:
+                    fairselect.unmark_bulk(asyncio.get_running_loop(), self._bulk_fd)
+                    self._bulk_fd = None
+                super().on_close()
 
             def get_compression_options(self):
                 # permessage-deflate keeps a zlib stream per connection (~150 KB
@@ -523,8 +542,11 @@ def run(coro) -> None:
     connection reset can leave libuv watching a descriptor that libpq has
     already closed, and libuv then aborts the whole process
     (docs/PERFORMANCE.md, "uvloop")."""
-    log.debug("event loop: asyncio's own")
-    asyncio.run(coro)
+    log.debug("event loop: asyncio's own, with chatd.fairselect's selector")
+    # asyncio.run() with the loop built on FairSelector: a storm of websocket
+    # events (10,000 ends at once) is handled over many turns, requests first.
+    with asyncio.Runner(loop_factory=fairselect.new_loop) as runner:
+        runner.run(coro)
 
 
 def check_schema(settings: config.Settings) -> None:

@@ -1,0 +1,229 @@
+"""chatd.fairselect: in a storm of websocket events, other descriptors first,
+at most per_turn websockets per select, every event delivered once. Real
+sockets (socketpairs) and asyncio's own loop on the selector."""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import socket
+
+from chatd import fairselect
+
+
+def pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
+    out = []
+    for _ in range(n):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        out.append((a, b))
+    return out
+
+
+def close_all(ps) -> None:
+    for a, b in ps:
+        a.close()
+        b.close()
+
+
+def test_a_storm_is_handed_out_per_turn_with_other_descriptors_first():
+    sel = fairselect.FairSelector(per_turn=4)
+    bulk = pairs(30)
+    other = pairs(1)
+    try:
+        for a, _ in bulk:
+            sel.register(a, selectors.EVENT_READ, "ws")
+            sel.mark_bulk(a.fileno())
+        sel.register(other[0][0], selectors.EVENT_READ, "http")
+        for _, b in bulk:
+            b.close()  # end-of-file on every websocket at once
+        seen: list[int] = []
+
+        def handle(batch) -> list[str]:
+            # As Tornado does on an end-of-file: the stream is unregistered.
+            for key, _ in batch:
+                if key.data == "ws":
+                    seen.append(key.fd)
+                    sel.unregister(key.fileobj)
+            return [k.data for k, _ in batch]
+
+        assert handle(sel.select(0)).count("ws") == 4
+        # A request arriving during the storm: handed out in the next select,
+        # ahead of the 26 websockets still waiting.
+        other[0][1].send(b"GET /healthz")
+        second = handle(sel.select(0))
+        assert second.count("http") == 1
+        assert second.count("ws") == 4
+        for _ in range(20):
+            assert handle(sel.select(0)).count("ws") <= 4
+        # Each end-of-file handed out exactly once, although the waiting ones
+        # stayed ready (level-triggered) the whole time.
+        assert sorted(seen) == sorted(a.fileno() for a, _ in bulk)
+        assert sel.deferred_total == 26
+    finally:
+        sel.close()
+        close_all(bulk + other)
+
+
+def test_few_events_pass_unchanged_and_unmarked_descriptors_never_wait():
+    sel = fairselect.FairSelector(per_turn=4)
+    ps = pairs(10)
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+        for _, b in ps:
+            b.send(b"x")
+        assert len(sel.select(0)) == 10  # none marked bulk: all at once
+        assert sel.deferred_total == 0
+        for a, _ in ps[:3]:
+            sel.mark_bulk(a.fileno())
+        assert len(sel.select(0)) == 10  # 3 bulk events fit in a turn
+        assert sel.deferred_total == 0
+        # A mark outlives asyncio's unregister/register of a paused reader
+        # (Tornado between reads); it goes only with unmark_bulk.
+        for a, _ in ps:
+            sel.unregister(a)
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        assert len(sel.select(0)) == 4
+        assert sel.deferred_total == 6
+        for a, _ in ps:
+            sel.unmark_bulk(a.fileno())
+        for _ in range(3):
+            sel.select(0)  # the 6 waiting ones come back
+        assert len(sel.select(0)) == 10  # unmarked: all at once again
+        assert sel.deferred_total == 6
+    finally:
+        sel.close()
+        close_all(ps)
+
+
+def test_a_waiting_descriptor_unregistered_or_modified_meanwhile():
+    sel = fairselect.FairSelector(per_turn=1)
+    ps = pairs(4)
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        for _, b in ps:
+            b.send(b"x")
+        first = sel.select(0)
+        assert len(first) == 1
+        waiting = [a for a, _ in ps if a.fileno() != first[0][0].fd]
+        gone, changed, kept = waiting
+        sel.unregister(gone)  # closed while it waited: never handed out
+        gone.close()
+        # Modified while it waited (now also for writing): back in the
+        # kernel's set, reported by it (once, not also from the queue).
+        sel.modify(changed, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        fds = []
+        for _ in range(6):
+            fds += [k.fd for k, _ in sel.select(0)]
+        assert gone.fileno() == -1
+        assert kept.fileno() in fds
+        assert changed.fileno() in fds
+    finally:
+        sel.close()
+        close_all([p for p in ps if p[0].fileno() != -1])
+
+
+def test_asyncio_loop_answers_a_request_arriving_during_a_storm_within_turns():
+    """On asyncio's loop: 200 websocket ends ready at once, and a request that
+    arrives while the first of them is handled. With a plain selector all 200
+    run in that turn and the request after them; here it comes within the
+    next turn, after at most two turns' worth (per_turn each)."""
+    loop = fairselect.new_loop(per_turn=16)
+    ps = pairs(200)
+    ((req, client),) = pairs(1)
+    order: list[str] = []
+    done = loop.create_future()
+
+    def on_ws(a, fd):
+        loop.remove_reader(fd)
+        assert a.recv(1) == b""  # the end-of-file
+        if not order:
+            client.send(b"GET /healthz")  # arrives during the storm
+        order.append("ws")
+        if order.count("ws") == 200:
+            done.set_result(None)
+
+    def on_request():
+        loop.remove_reader(req.fileno())
+        assert req.recv(100) == b"GET /healthz"
+        order.append("request")
+
+    try:
+        for a, _ in ps:
+            loop.add_reader(a.fileno(), on_ws, a, a.fileno())
+            fairselect.mark_bulk(loop, a.fileno())
+        loop.add_reader(req.fileno(), on_request)
+        for _, b in ps:
+            b.close()
+        loop.run_until_complete(asyncio.wait_for(done, 10))
+        assert order.count("ws") == 200
+        assert "request" in order[:33], order.index("request")
+        assert loop.chatd_selector.deferred_total >= 200 - 16
+    finally:
+        loop.close()
+        close_all([*ps, (req, client)])
+
+
+def test_peer_gone_only_for_a_waiting_descriptor_whose_peer_ended():
+    """What DirectSocket asks before writing during a storm: a waiting
+    descriptor with only the end to read is gone; one with data first, or
+    not waiting, is not (and the peek consumes nothing)."""
+    loop = fairselect.new_loop(per_turn=1)
+    sel = loop.chatd_selector
+    ps = pairs(4)
+    lead, ended, talked, idle = ps
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        assert not fairselect.storming()
+        lead[1].send(b"x")  # ready first: handed out (epoll keeps ready order)
+        ended[1].close()
+        talked[1].send(b"42")
+        talked[1].close()
+        first = sel.select(0)
+        assert [k.fd for k, _ in first] == [lead[0].fileno()]
+        assert fairselect.storming()
+        for a, _ in (ended, talked):
+            assert fairselect.waiting(a.fileno())
+        assert fairselect.peer_gone(ended[0])
+        assert not fairselect.peer_gone(talked[0])
+        assert talked[0].recv(10) == b"42"  # the peek took nothing
+        assert not fairselect.peer_gone(idle[0])  # not waiting
+        lead[1].close()
+        assert not fairselect.peer_gone(lead[0])  # its turn came: not waiting
+    finally:
+        loop.close()
+        close_all(ps)
+    assert not fairselect.storming()  # the loop's selector is closed
+
+
+def test_a_waiting_descriptor_closed_without_unregistering_breaks_nothing():
+    """The loop must survive a descriptor closed behind its back while it
+    waits (asyncio's own selectors tolerate that too): it is simply not
+    handed out, and the others are."""
+    sel = fairselect.FairSelector(per_turn=1)
+    ps = pairs(3)
+    try:
+        for a, _ in ps:
+            sel.register(a, selectors.EVENT_READ)
+            sel.mark_bulk(a.fileno())
+        for _, b in ps:
+            b.close()
+        first = sel.select(0)
+        assert len(first) == 1
+        closed = next(a for a, _ in ps if a.fileno() != first[0][0].fd)
+        sel.unregister(first[0][0].fileobj)
+        closed.close()  # no unregister: the selector's map still has it
+        handed = []
+        for _ in range(4):
+            handed += [k.fd for k, _ in sel.select(0)]
+        third = next(a for a, _ in ps if a.fileno() not in (-1, first[0][0].fd))
+        assert set(handed) == {third.fileno()}  # (reported again: not read)
+    finally:
+        sel.close()
+        close_all([p for p in ps if p[0].fileno() != -1])
