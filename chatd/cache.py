@@ -117,13 +117,15 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-# ARGV: version, first_seq, cap, ttl, channel, payload, rows... (consecutive
-# seqs from first_seq). Publishes payload on channel first, whatever the page
-# holds (channel '': nothing to publish), so the new messages' announcement to
+# ARGV: version, first_seq, cap, ttl, channel, payload, command, rows...
+# (consecutive seqs from first_seq). Publishes payload on channel first with
+# command (SPUBLISH, or PUBLISH on Redis 6), whatever the page holds (channel
+# '': nothing to publish; on a cluster the chat's channel has the chat's hash
+# tag, so it is in the keys' slot), so the new messages' announcement to
 # the other processes costs no round trip of its own. Applies the rows only on
 # top of exactly version - 1 ending at first_seq - 1.
 _APPEND = """
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if ARGV[5] ~= '' then redis.call(ARGV[7], ARGV[5], ARGV[6]) end
 local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
 if not m[1] then return 0 end
 local v = tonumber(ARGV[1])
@@ -133,13 +135,13 @@ if tonumber(m[1]) ~= v - 1 or tonumber(m[2]) ~= first - 1 then
   return -1
 end
 redis.call('DEL', KEYS[3])
-local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
+local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 8))
 local cap = tonumber(ARGV[3])
 if n > cap then
   redis.call('LTRIM', KEYS[2], -cap, -1)
   redis.call('HSET', KEYS[1], 'complete', '0')
 end
-redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 7)
+redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 8)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
@@ -272,19 +274,19 @@ class PageCache:
             self._failed("cache fill", exc)
 
     async def appended(self, chat_id: str, version: int, first_seq: int, rows: list[bytes],
-                       publish: tuple[str, bytes] | None = None) -> bool:  # fmt: skip
+                       publish: tuple[str, bytes, str] | None = None) -> bool:  # fmt: skip
         """Put newly committed rows on the cached page, and publish
-        ``publish`` (channel, payload) in the same round trip. False when
+        ``publish`` (channel, payload, command) in the same round trip. False when
         that did not happen (the cache is off or Redis failed): the caller
         publishes on its own."""
         if not self.enabled:
             return False
-        channel, payload = publish or ("", b"")
+        channel, payload, command = publish or ("", b"", "")
         try:
             await self._batch.run(
                 self._append,
                 self._keys(chat_id),
-                [version, first_seq, self.rows, self._ttl, channel, payload, *rows],
+                [version, first_seq, self.rows, self._ttl, channel, payload, command, *rows],
             )
         except (RedisError, OSError) as exc:
             self._failed("cache append", exc)

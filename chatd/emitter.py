@@ -1,8 +1,9 @@
 """A write-only Socket.IO emitter: :class:`~chatd.events.Events` for tools that
 change chats without running a server (chatctl seed).
 
-It publishes on the same Redis channel as chatd's ``AsyncRedisManager``
-(``SOCKETIO_CHANNEL``), in the same packet shape, so every running chatd
+It publishes on the same Redis channels as chatd's ``RedisChatManager`` (the
+room's channel, see chatd.relay; SPUBLISH, or PUBLISH on Redis 6), in the
+same packet shape, so every running chatd
 process delivers the events to the sockets in the room, exactly as if one of
 them had made the change. Publishing is best effort, as in chatd: PostgreSQL
 holds the truth and a client that misses an event sees the gap in ``seq``.
@@ -13,36 +14,59 @@ from __future__ import annotations
 import orjson
 import socketio
 
+from . import relay
 from .realtime import OrjsonPackets, chat_room, emit_message, publication
 
 
 class _Published:
     """chatd.events.Announcement for a process without sockets: publish only."""
 
-    __slots__ = ("manager", "remote")
+    __slots__ = ("_payload", "manager", "remote", "room")
 
-    def __init__(self, manager, payload: bytes):
+    def __init__(self, manager, room: str, payload: bytes):
         self.manager = manager
-        self.remote = (manager.channel, payload)
+        self.room = room
+        # Not published by the cache's script: the command is known only once
+        # connected (publish below).
+        self.remote = None
+        self._payload = payload
 
     async def publish(self) -> None:
-        manager = self.manager
-        try:
-            if not manager.connected:
-                manager._redis_connect()
-            await manager.redis.publish(manager.channel, self.remote[1])
-        except Exception:  # best effort, like every publish (see above)
-            manager.connected = False
+        payload, self._payload = self._payload, None
+        if payload is not None:
+            await _publish(self.manager, self.room, payload)
 
     async def deliver(self) -> None:
-        pass
+        await self.publish()  # unless already published (no remote: nobody else did)
+
+
+async def _publish(manager, room: str | None, payload: bytes | str) -> None:
+    """Publish on the room's channel, as chatd does; best effort (see above)."""
+    try:
+        if not manager.connected:
+            manager._redis_connect()
+        if manager.chatd_command is None:
+            info = await manager.redis.info("server")
+            manager.chatd_command = "SPUBLISH" if relay.redis_major(info) >= 7 else "PUBLISH"
+        channel = relay.room_channel(manager.channel, room) or manager.channel
+        await manager.redis.execute_command(manager.chatd_command, channel, payload)
+    except Exception:
+        manager.connected = False
+
+
+class _WriteOnly(socketio.AsyncRedisManager):
+    chatd_command: str | None = None
+
+    async def _publish(self, data):
+        room = data.get("room") if data.get("method") in ("emit", "close_room") else None
+        await _publish(self, room, self.json.dumps(data))
 
 
 class RedisEmitter:
     """chatd.events.Events over a write-only ``socketio.AsyncRedisManager``."""
 
     def __init__(self, redis_url: str, channel: str, timeout: float = 1.0):
-        self.manager = socketio.AsyncRedisManager(
+        self.manager = _WriteOnly(
             redis_url,
             channel=channel,
             write_only=True,
@@ -57,7 +81,7 @@ class RedisEmitter:
         room = chat_room(messages[0]["chat_id"])
         host = self.manager.host_id
         emits = [emit_message("new-message", orjson.Fragment(r), room, host) for r in raws]
-        return _Published(self.manager, publication(emits, host))
+        return _Published(self.manager, room, publication(emits, host))
 
     async def message_resent(self, message: dict, raw: bytes) -> None:
         await self._emit("new-message", message, message["chat_id"])

@@ -1,9 +1,11 @@
 """chatctl tail: follow messages as every chatd process emits them.
 
-chatd publishes every emit on the Socket.IO Redis channel (SOCKETIO_CHANNEL),
+chatd publishes each chat's emits on that chat's Redis channel
+(``SOCKETIO_CHANNEL:{chat:ID}``, see chatd.relay; sharded pub/sub on Redis >= 7),
 as JSON ``{"method": "emit", "event", "data": [payload], "room": "chat:ID", ...}``
 (a group commit's new messages as one ``chatd:batch`` of such emits);
-tail subscribes to that channel, so it sees what every process's sockets see.
+tail subscribes to the channels of the chats it follows (``--chat``, required:
+no channel carries every chat), so it sees what every process's sockets see.
 
 ``--since-seq N`` first prints the history after seq N. To leave no gap and
 print nothing twice at the seam it subscribes first (Redis then delivers every
@@ -23,7 +25,7 @@ import click
 import orjson
 import redis.asyncio as aioredis
 
-from chatd import model, validate
+from chatd import model, relay, validate
 from chatd.errors import BadRequest
 from chatd.realtime import BATCH
 
@@ -125,19 +127,25 @@ async def follow(
     async def reader() -> None:
         while True:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is not None and msg.get("type") == "message":
+            if msg is not None and msg.get("type") in ("message", "smessage"):
                 buffered.put_nowait(msg["data"])
 
     task = None
+    channels = [relay.room_channel(s.socketio_channel, room) for room in sorted(rooms or ())]
     try:
-        await pubsub.subscribe(s.socketio_channel)
+        info = await asyncio.wait_for(client.info("server"), s.redis_timeout * 5)
+        if relay.redis_major(info) >= 7:
+            await pubsub.ssubscribe(*channels)
+        else:  # Redis 6: chatd publishes with PUBLISH (chatd.relay)
+            await pubsub.subscribe(*channels)
         # Wait for Redis to confirm: from then on every publish reaches us.
-        while True:
+        confirmed = 0
+        while confirmed < len(channels):
             msg = await pubsub.get_message(timeout=s.redis_timeout * 5)
             if msg is None:
-                raise Failure(f"Redis did not confirm the subscription to {s.socketio_channel}")
-            if msg.get("type") == "subscribe":
-                break
+                raise Failure(f"Redis did not confirm the subscription to {channels[0]}")
+            if msg.get("type") in ("subscribe", "ssubscribe"):
+                confirmed += 1
         task = asyncio.create_task(reader())
         what = ", ".join(chat_ids) if chat_ids else "every chat"
         click.echo(f"tail: following {what} (Ctrl-C to stop)", err=True)
@@ -231,14 +239,15 @@ def tail(obj: Ctx, chat_ids: tuple[str, ...], fmt: str, since_seq: int | None) -
     """Print messages as they are sent, edited and deleted, on every chatd
     process, until Ctrl-C.
 
-    Follows the Socket.IO channel in Redis (SOCKETIO_CHANNEL), so it needs
-    REDIS_URL. With --since-seq, history after seq N is printed first, then the
-    live events, with no gap and no repeat between the two. In json format,
+    Follows the chats' Socket.IO channels in Redis (SOCKETIO_CHANNEL:{chat:ID}),
+    so it needs REDIS_URL and at least one --chat. With --since-seq, history
+    after seq N is printed first, then the live events, with no gap and no
+    repeat between the two. In json format,
     history rows have "event": "history".
 
     \b
     Example:
-      chatctl tail
+      chatctl tail --chat general
       chatctl tail --chat general --since-seq 0 --format json | jq .data.content
     """
     for chat_id in chat_ids:
@@ -249,6 +258,10 @@ def tail(obj: Ctx, chat_ids: tuple[str, ...], fmt: str, since_seq: int | None) -
     if since_seq is not None and not chat_ids:
         raise click.UsageError("--since-seq needs --chat (the history of which chat?)")
     obj.redis_url()
+    if not chat_ids:
+        raise click.UsageError(
+            "name the chats to follow with --chat (each chat has its own Redis channel)"
+        )
 
     def echo(line: str) -> None:
         click.echo(line)  # click.echo flushes: a pipe reader sees each line at once
