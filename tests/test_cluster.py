@@ -491,3 +491,72 @@ async def test_a_late_publish_of_a_message_the_join_ack_covered_is_dropped(chatd
         await bob.wait_for("new-message", lambda m: m["seq"] == 2)
     finally:
         await close_all(bob, alice)
+
+
+async def relay_metrics(proc) -> dict[str, float]:
+    """chatd_relay_* of one process, from its /metrics."""
+    text = (await Api(proc.url).get("/metrics")).body.decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("chatd_relay_"):
+            name, value = line.split()
+            found[name] = float(value)
+    return found
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_each_process_receives_only_the_traffic_of_its_own_chats(three, chat_id):
+    # Chat X has its socket on A, Y on B, Z on C; every message is sent over
+    # REST on C. With one channel for everything each process received all
+    # 3 x N publications; per-chat channels bring each only its chat's N (its
+    # own publications come back to C too: it is subscribed to Z).
+    procs = dict(zip("ABC", three, strict=True))
+    users = {"A": "ann", "B": "bob", "C": "cat"}
+    chats = {name: f"{chat_id}-{name.lower()}" for name in procs}
+    api = Api(procs["C"].url)
+    for name, chat in chats.items():
+        await api.create_chat(chat, members=[users[name]])
+    clients = {name: await connect(procs[name], users[name]) for name in procs}
+    try:
+        for name, chat in chats.items():
+            await join(clients[name], chat)
+        for name in procs:  # the control channel, the user's, the chat's
+            assert (await relay_metrics(procs[name]))["chatd_relay_channels"] == 3
+        await asyncio.sleep(QUIET)  # presence announcements of the joins are through
+        before = {name: await relay_metrics(procs[name]) for name in procs}
+        n = 10
+        for i in range(n):
+            for chat in chats.values():
+                assert (await api.send(chat, f"m{i}")).status == 201
+        for client in clients.values():
+            await client.wait_for("new-message", lambda m, c=client: len(c.of("new-message")) >= n)
+        await asyncio.sleep(QUIET)
+        after = {name: await relay_metrics(procs[name]) for name in procs}
+
+        def delta(name: str, metric: str) -> float:
+            return (
+                after[name][f"chatd_relay_{metric}_total"]
+                - before[name][f"chatd_relay_{metric}_total"]
+            )
+
+        assert delta("C", "published") == 3 * n
+        assert delta("A", "published") == delta("B", "published") == 0
+        for name in procs:
+            assert delta(name, "received") == n, (name, before, after)
+            got = clients[name].of("new-message")
+            assert {m["chat_id"] for m in got} == {chats[name]}
+        # Leaving the chat unsubscribes its channel (the last local socket left).
+        ack = await clients["A"].call("leave-chat", {"chat_id": chats["A"]})
+        assert ack["ok"] is True
+        deadline = time.monotonic() + 5
+        while (await relay_metrics(procs["A"]))["chatd_relay_channels"] != 2:
+            assert time.monotonic() < deadline, "A kept the channel of a chat it left"
+            await asyncio.sleep(0.05)
+        quiet = await relay_metrics(procs["A"])
+        assert (await api.send(chats["A"], "after leaving")).status == 201
+        await asyncio.sleep(QUIET)
+        assert (await relay_metrics(procs["A"]))["chatd_relay_received_total"] == (
+            quiet["chatd_relay_received_total"]
+        )
+    finally:
+        await close_all(*clients.values())
