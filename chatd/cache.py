@@ -46,12 +46,13 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import autopipe, redishealth
+from . import autopipe, config, redishealth
 
 log = logging.getLogger("chatd.cache")
 
@@ -330,7 +331,19 @@ MAX_CONNECTIONS = 64
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A Redis client whose every call is bounded by ``timeout`` seconds."""
+    """A Redis client whose every call is bounded by ``timeout`` seconds (a
+    redis-py RedisCluster for a ``redis+cluster://`` URL, REDIS_CLUSTER_NODES)."""
+    nodes = config.cluster_nodes(url)
+    if nodes is not None:
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            max_connections=MAX_CONNECTIONS,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+        )
+        redishealth.attach(client, timeout)
+        return client
     # One retry, on a lost connection only: after a Redis restart the pooled
     # socket is dead and the first attempt fails at once; the retry
     # reconnects. A timeout is not retried (redis-py's default would wait

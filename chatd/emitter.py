@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import orjson
 import socketio
+from redis.asyncio.cluster import RedisCluster
 
-from . import relay
+from . import cache, relay
 from .realtime import OrjsonPackets, chat_room, emit_message, publication
 
 
@@ -43,19 +44,29 @@ class _Published:
 async def _publish(manager, room: str | None, payload: bytes | str) -> None:
     """Publish on the room's channel, as chatd does; best effort (see above)."""
     try:
-        if not manager.connected:
-            manager._redis_connect()
+        if manager.chatd_redis is None:
+            manager.chatd_redis = cache.connect(manager.redis_url, manager.chatd_timeout)
+        client = manager.chatd_redis
         if manager.chatd_command is None:
-            info = await manager.redis.info("server")
-            manager.chatd_command = "SPUBLISH" if relay.redis_major(info) >= 7 else "PUBLISH"
+            if isinstance(client, RedisCluster):
+                manager.chatd_command = "SPUBLISH"
+            else:
+                info = await client.info("server")
+                sharded = relay.redis_major(info) >= 7
+                manager.chatd_command = "SPUBLISH" if sharded else "PUBLISH"
         channel = relay.room_channel(manager.channel, room) or manager.channel
-        await manager.redis.execute_command(manager.chatd_command, channel, payload)
+        await client.execute_command(manager.chatd_command, channel, payload)
     except Exception:
-        manager.connected = False
+        pass
 
 
 class _WriteOnly(socketio.AsyncRedisManager):
+    """python-socketio's write-only manager, publishing through a chatd Redis
+    client (one Redis or a Redis Cluster: REDIS_CLUSTER_NODES)."""
+
     chatd_command: str | None = None
+    chatd_redis = None
+    chatd_timeout = 1.0
 
     async def _publish(self, data):
         room = data.get("room") if data.get("method") in ("emit", "close_room") else None
@@ -73,6 +84,7 @@ class RedisEmitter:
             json=OrjsonPackets,
             redis_options={"socket_connect_timeout": timeout, "socket_timeout": timeout},
         )
+        self.manager.chatd_timeout = timeout
 
     async def _emit(self, event: str, data: dict, chat_id: str) -> None:
         await self.manager.emit(event, data, room=chat_room(chat_id), namespace="/")
@@ -104,6 +116,6 @@ class RedisEmitter:
         await self._emit("read", payload, chat_id)
 
     async def close(self) -> None:
-        redis = self.manager.redis
+        redis = self.manager.chatd_redis
         if redis is not None:
-            await redis.aclose()
+            await cache.disconnect(redis)

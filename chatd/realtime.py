@@ -750,6 +750,7 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
             health=self._batch.health if self._batch is not None else None,
             cluster=cluster,
             ack_timeout=connect_timeout,
+            resolve=publisher.initialize if cluster else None,
         )
         # Set while Redis has confirmed our control channel's subscription.
         self.subscribed = self.relay.subscribed

@@ -86,6 +86,7 @@ class Relay:
         health=None,
         cluster: bool = False,
         ack_timeout: float = 1.0,
+        resolve=None,
     ):
         self.control = control
         self._connect = connect
@@ -103,6 +104,9 @@ class Relay:
         self.published = 0  # publications sent (a batch counts once)
         self.received = 0  # publications received from other processes or ourselves
         self._closed = False
+        # async () -> None: learn the cluster's slot map (RedisCluster.initialize)
+        self._resolve = resolve
+        self._resolving: asyncio.Task | None = None
 
     # -- what the manager calls -------------------------------------------------------
 
@@ -127,8 +131,10 @@ class Relay:
             return
         sub.active = True
         node = self._node(channel)
-        if node is None:
-            return  # the cluster's map is unknown yet: subscribed on connect
+        if node is None:  # the cluster's slot map is unknown yet
+            if self._resolving is None and self._resolve is not None and not self._closed:
+                self._resolving = asyncio.ensure_future(self._resolve_later())
+            return
         outbox = self._outbox.get(node)
         if outbox is not None:
             sub.pending += 1
@@ -166,8 +172,32 @@ class Relay:
             return False
         return True
 
+    async def _resolve_later(self) -> None:
+        """Learn the cluster's slot map (retrying), then subscribe every
+        channel wanted meanwhile."""
+        delay = LISTEN_RETRY[0]
+        try:
+            while not self._closed:
+                try:
+                    await asyncio.wait_for(self._resolve(), self.ack_timeout + 1)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("Redis Cluster slot map unknown (%s); retrying", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, LISTEN_RETRY[1])
+        finally:
+            self._resolving = None
+        for channel, sub in list(self._subs.items()):
+            if sub.active and self._node(channel) is not None:
+                sub.active = False
+                self.want(channel)
+
     async def close(self) -> None:
         self._closed = True
+        if self._resolving is not None:
+            self._resolving.cancel()
         readers = list(self._readers.values())
         self._readers.clear()
         for task in readers:

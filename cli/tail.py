@@ -24,8 +24,9 @@ import signal
 import click
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from chatd import model, relay, validate
+from chatd import config, model, relay, validate
 from chatd.errors import BadRequest
 from chatd.realtime import BATCH
 
@@ -115,38 +116,51 @@ async def follow(
     obj: Ctx, storage, chat_ids: list[str], fmt: str, since_seq: int | None, echo
 ) -> None:
     s = obj.settings
-    # Its own connection without a read timeout: a subscriber waits for as
-    # long as the chats are quiet (health checks notice a dead Redis).
-    client = aioredis.Redis.from_url(
-        s.redis_url, socket_connect_timeout=s.redis_timeout, health_check_interval=30
-    )
-    pubsub = client.pubsub()
     buffered: asyncio.Queue[bytes] = asyncio.Queue()
     rooms = {f"chat:{c}" for c in chat_ids} if chat_ids else None
-
-    async def reader() -> None:
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is not None and msg.get("type") in ("message", "smessage"):
-                buffered.put_nowait(msg["data"])
-
-    task = None
     channels = [relay.room_channel(s.socketio_channel, room) for room in sorted(rooms or ())]
+    wait = s.redis_timeout * 5
+    # chatd's own listener (chatd.relay): a connection per Redis node without
+    # a read timeout (a subscriber waits as long as the chats are quiet), a
+    # ping when idle, and every channel subscribed again after a reconnect.
+    seeds = config.cluster_nodes(s.redis_url)
+    cluster = None
+    if seeds is not None:
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            socket_connect_timeout=s.redis_timeout,
+        )
+
+        def connect(node: str) -> aioredis.Redis:
+            found = cluster.get_node(node_name=node)
+            return aioredis.Redis(
+                host=found.host, port=found.port, socket_connect_timeout=s.redis_timeout
+            )
+
+        def node_of(channel: str) -> str:
+            return cluster.get_node_from_key(channel).name
+    else:
+
+        def connect(node: str) -> aioredis.Redis:
+            return aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=s.redis_timeout)
+
+        def node_of(channel: str) -> str:
+            return ""
+
+    listener = relay.Relay(
+        channels[0], connect, node_of, buffered.put_nowait, cluster=cluster is not None,
+        ack_timeout=wait,
+    )  # fmt: skip
     try:
-        info = await asyncio.wait_for(client.info("server"), s.redis_timeout * 5)
-        if relay.redis_major(info) >= 7:
-            await pubsub.ssubscribe(*channels)
-        else:  # Redis 6: chatd publishes with PUBLISH (chatd.relay)
-            await pubsub.subscribe(*channels)
+        if cluster is not None:
+            await asyncio.wait_for(cluster.initialize(), wait)
+        listener.start()
+        for channel in channels[1:]:
+            listener.want(channel)
         # Wait for Redis to confirm: from then on every publish reaches us.
-        confirmed = 0
-        while confirmed < len(channels):
-            msg = await pubsub.get_message(timeout=s.redis_timeout * 5)
-            if msg is None:
-                raise Failure(f"Redis did not confirm the subscription to {channels[0]}")
-            if msg.get("type") in ("subscribe", "ssubscribe"):
-                confirmed += 1
-        task = asyncio.create_task(reader())
+        for channel in channels:
+            if not await listener.ready(channel):
+                raise Failure(f"Redis did not confirm the subscription to {channel}")
         what = ", ".join(chat_ids) if chat_ids else "every chat"
         click.echo(f"tail: following {what} (Ctrl-C to stop)", err=True)
 
@@ -167,13 +181,8 @@ async def follow(
                         break
                 seen[chat_id] = Seen(after)
 
-        while True:
-            if task.done():
-                task.result()  # re-raise what stopped the reader (Redis gone)
-            try:
-                raw = await asyncio.wait_for(buffered.get(), 1.0)
-            except TimeoutError:
-                continue
+        while True:  # the listener reconnects by itself when Redis goes away
+            raw = await buffered.get()
             for event, data in decode(raw, rooms):
                 if event == "new-message" and since_seq is not None:
                     chat_seen = seen.get(data.get("chat_id"))
@@ -182,14 +191,10 @@ async def follow(
                         continue
                 echo(format_event(event, data, fmt))
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
-        with contextlib.suppress(Exception):
-            await client.aclose()
+        await listener.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await cluster.aclose()
 
 
 async def until_stopped(coro) -> None:

@@ -1,6 +1,8 @@
 """Many chatd processes as one service: three real processes on different
 ports share one PostgreSQL database and one Redis (SOCKETIO_CHANNEL and key
-prefix of this test run), and clients connect to different ones.
+prefix of this test run), and clients connect to different ones. Every test
+that takes ``store`` runs twice: on the machine's Redis, and on a real
+3-master Redis Cluster the session starts (REDIS_CLUSTER_NODES).
 
 Negative checks ("nothing arrives") wait for a positive event that was sent
 after the unwanted one would have been, where the order is guaranteed, and
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from . import faults
 from .conftest import REDIS_URL
@@ -27,12 +30,47 @@ QUIET = 0.6  # how long "nothing arrives" is watched, seconds
 ENV = {"PRESENCE_TTL": TTL, "RATE_LIMIT_SENDS": "100000/1s", "LOG_LEVEL": "info"}
 
 
+class Store:
+    """Where the processes of a test keep their Redis state: one Redis, or a
+    Redis Cluster (``env`` selects it; ``client(key)`` is a plain client of
+    the node that holds ``key`` or channel ``key``)."""
+
+    def __init__(self, cluster=None):
+        self.cluster = cluster
+        self.env = {"REDIS_URL": None, "REDIS_CLUSTER_NODES": cluster.nodes} if cluster else {}
+        self._clients: list = []
+
+    async def client(self, key: str) -> aioredis.Redis:
+        if self.cluster is None:
+            client = aioredis.Redis.from_url(REDIS_URL)
+        else:
+            nodes = [ClusterNode("127.0.0.1", s.port) for s in self.cluster.servers]
+            cluster = RedisCluster(startup_nodes=nodes)
+            await cluster.initialize()
+            node = cluster.get_node_from_key(key)
+            await cluster.aclose()
+            client = aioredis.Redis(host=node.host, port=node.port)
+        self._clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store(request, io_loop):
+    store = Store(request.getfixturevalue("redis_cluster") if request.param == "cluster" else None)
+    yield store
+    io_loop.run_sync(store.close)
+
+
 @pytest.fixture
-def three(spawn):
+def three(spawn, store):
     """Processes A, B and C of one service (started side by side: each start
     mostly waits for imports and connections)."""
     with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(lambda _: spawn(**ENV), range(3)))
+        return list(pool.map(lambda _: spawn(**ENV, **store.env), range(3)))
 
 
 async def connect(proc, user: str) -> SocketClient:
@@ -62,16 +100,13 @@ def presence_of(client: SocketClient, user: str, online: bool) -> list:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_every_process_is_subscribed_before_it_serves(three, redis_prefix):
+async def test_every_process_is_subscribed_before_it_serves(three, store, redis_prefix):
     # python-socketio would subscribe on the first connection: a client that
     # joined right after a restart could miss what was published meanwhile.
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        channel = f"{redis_prefix}:socketio"  # the control channel (chatd.relay)
-        [(_, subscribers)] = await r.pubsub_shardnumsub(channel)
-        assert subscribers == 3
-    finally:
-        await r.aclose()
+    channel = f"{redis_prefix}:socketio"  # the control channel (chatd.relay)
+    r = await store.client(channel)
+    [(_, subscribers)] = await r.pubsub_shardnumsub(channel)
+    assert subscribers == 3
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -100,19 +135,20 @@ async def test_rest_send_on_one_process_reaches_sockets_on_the_others(three, cha
 @pytest.mark.parametrize("cache_rows", ["100", "0"], ids=["cache", "no-cache"])
 @pytest.mark.gen_test(timeout=90)
 async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
-    spawn, chat_id, redis_prefix, cache_rows
+    spawn, store, chat_id, redis_prefix, cache_rows
 ):
     # A burst to one chat is group-committed on A; each batch's new-message
     # events travel to B as one publication (with the page cache on, inside
     # the cache's append script; with it off, on their own). B's socket gets
     # every message once, in seq order.
-    a = spawn(**ENV, CACHE_ROWS=cache_rows)
-    b = spawn(**ENV)
+    a = spawn(**ENV, **store.env, CACHE_ROWS=cache_rows)
+    b = spawn(**ENV, **store.env)
     await Api(a.url).create_chat(chat_id, members=["bob"])
     bob = await connect(b, "bob")
-    r = aioredis.Redis.from_url(REDIS_URL)
+    channel = f"{redis_prefix}:socketio:{{chat:{chat_id}}}"  # the chat's channel
+    r = await store.client(channel)
     pubsub = r.pubsub()
-    await pubsub.ssubscribe(f"{redis_prefix}:socketio:{{chat:{chat_id}}}")  # the chat's channel
+    await pubsub.ssubscribe(channel)
     try:
         await join(bob, chat_id)
         n = 80
@@ -131,18 +167,17 @@ async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
         assert 0 < published < n
     finally:
         await pubsub.aclose()
-        await r.aclose()
         await close_all(bob)
 
 
 @pytest.mark.gen_test(timeout=90)
 async def test_presence_is_counted_across_processes_and_survives_sigkill(
-    three, chat_id, redis_prefix
+    three, store, chat_id, redis_prefix
 ):
     a, b, c = three
     await Api(a.url).create_chat(chat_id, members=["bob", "carol", "dave"])
-    r = aioredis.Redis.from_url(REDIS_URL)
     counts = f"{redis_prefix}:{{presence}}:chat:{chat_id}"
+    r = await store.client(counts)
     dave = await connect(a, "dave")  # the observer, on A
     bob_b = await connect(b, "bob")
     bob_c = await connect(c, "bob")
@@ -194,13 +229,12 @@ async def test_presence_is_counted_across_processes_and_survives_sigkill(
         assert presence_of(dave, "dave", False) == []
     finally:
         await close_all(dave, bob_b, bob_c, carol_c, alice_a, alice_c)
-        await r.aclose()
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_graceful_stop_says_goodbye_at_once(spawn, chat_id):
-    a = spawn(**{**ENV, "PRESENCE_TTL": 60})
-    b = spawn(**{**ENV, "PRESENCE_TTL": 60})
+async def test_graceful_stop_says_goodbye_at_once(spawn, store, chat_id):
+    a = spawn(**{**ENV, **store.env, "PRESENCE_TTL": 60})
+    b = spawn(**{**ENV, **store.env, "PRESENCE_TTL": 60})
     await Api(a.url).create_chat(chat_id, members=["bob"])
     alice = await connect(a, "alice")
     bob = await connect(b, "bob")
@@ -385,12 +419,16 @@ async def test_rejoin_on_another_process_misses_nothing_and_sees_nothing_twice(t
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_delivery_resumes_after_the_redis_listener_connection_dies(three, chat_id):
+async def test_delivery_resumes_after_the_redis_listener_connection_dies(
+    three, store, chat_id, redis_prefix
+):
     a, b, _ = three
     api = Api(a.url)
     await api.create_chat(chat_id, members=["bob"])
     bob = await connect(b, "bob")
-    r = aioredis.Redis.from_url(REDIS_URL)
+    # The connection that carries the chat's channel (on a cluster: to the
+    # node that owns the chat's slot).
+    r = await store.client(f"{redis_prefix}:socketio:{{chat:{chat_id}}}")
     try:
         await join(bob, chat_id)
         first = (await api.send(chat_id, "before")).json
@@ -412,7 +450,6 @@ async def test_delivery_resumes_after_the_redis_listener_connection_dies(three, 
                 assert time.monotonic() < deadline, "B never heard from Redis again"
     finally:
         await bob.close()
-        await r.aclose()
 
 
 @pytest.mark.gen_test(timeout=30)
