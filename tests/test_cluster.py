@@ -19,6 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from chatd import realtime
+from chatd.server import Chatd
+
 from . import faults
 from .conftest import REDIS_URL
 from .helpers import Api, SocketClient
@@ -597,3 +600,35 @@ async def test_each_process_receives_only_the_traffic_of_its_own_chats(three, ch
         )
     finally:
         await close_all(*clients.values())
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_python_socketio_room_changes_and_kicks_of_a_remote_socket_cross_processes(
+    chatd, api, settings, chat_id
+):
+    # python-socketio's own relay (leave_room / disconnect of a sid another
+    # process holds) goes on the control channel, which every process
+    # follows: per-room channels must not lose it.
+    other = Chatd(settings)
+    await other.start()
+    bob = await connect(f"http://127.0.0.1:{chatd.port}", "bob")
+    try:
+        await api.create_chat(chat_id, members=["bob"])
+        await join(bob, chat_id)
+        [sid] = [s for s, u in chatd.sio.namespace_handlers["/"].users.items() if u == "bob"]
+        await other.sio.leave_room(sid, realtime.chat_room(chat_id))
+        deadline = time.monotonic() + 5
+        while realtime.chat_room(chat_id) in chatd.sio.manager.get_rooms(sid, "/"):
+            assert time.monotonic() < deadline, "the remote leave_room never arrived"
+            await asyncio.sleep(0.02)
+        await api.send(chat_id, "not for bob any more")
+        await asyncio.sleep(QUIET)
+        assert bob.of("new-message") == []
+        await other.sio.disconnect(sid)
+        deadline = time.monotonic() + 5
+        while bob.sio.connected:
+            assert time.monotonic() < deadline, "the remote disconnect never arrived"
+            await asyncio.sleep(0.02)
+    finally:
+        await close_all(bob)
+        await other.stop()
