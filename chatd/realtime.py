@@ -62,7 +62,11 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
   ``_publish`` routes on, and ``_thread`` reading ``_listen`` (python-socketio
   runs it; chatd's listener yields what chatd.relay's readers received):
   exercised by tests/test_cluster.py (each process receives only its chats'
-  traffic, and every cross-process test).
+  traffic, and every cross-process test); ``AsyncRedisManager.redis_url`` /
+  ``redis_options`` / ``_get_redis_module`` (the listener's connection to one
+  Redis) and ``AsyncPubSubManager.host_id`` / ``channel``: the same tests;
+  ``AsyncPubSubManager._publish`` again in chatd.emitter (a write-only
+  manager publishing on the room's channel): tests/test_cli_seed.py.
 
 The log
 filter :class:`_ClientFaults` recognises engine.io's client-error lines by
