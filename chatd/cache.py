@@ -46,12 +46,13 @@ import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from . import autopipe, redishealth
+from . import autopipe, config, redishealth
 
 log = logging.getLogger("chatd.cache")
 
@@ -117,30 +118,32 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
-# ARGV: version, first_seq, cap, ttl, channel, payload, rows... (consecutive
-# seqs from first_seq; each took one version, the last of them ``version``).
-# Publishes payload on channel first, whatever the page holds (channel '':
-# nothing to publish), so the new messages' announcement to the other
-# processes costs no round trip of its own. Applies the rows only on top of
-# exactly version - (number of rows) ending at first_seq - 1.
+# ARGV: version, first_seq, cap, ttl, channel, payload, command, rows...
+# (consecutive seqs from first_seq; each took one version, the last of them
+# ``version``). Publishes payload on channel first with
+# command (SPUBLISH, or PUBLISH on Redis 6), whatever the page holds (channel
+# '': nothing to publish; on a cluster the chat's channel has the chat's hash
+# tag, so it is in the keys' slot), so the new messages' announcement to
+# the other processes costs no round trip of its own. Applies the rows only on
+# top of exactly version - (number of rows) ending at first_seq - 1.
 _APPEND = """
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if ARGV[5] ~= '' then redis.call(ARGV[7], ARGV[5], ARGV[6]) end
 local m = redis.call('HMGET', KEYS[1], 'version', 'last_seq')
 if not m[1] then return 0 end
 local v = tonumber(ARGV[1])
 local first = tonumber(ARGV[2])
-if tonumber(m[1]) ~= v - (#ARGV - 6) or tonumber(m[2]) ~= first - 1 then
+if tonumber(m[1]) ~= v - (#ARGV - 7) or tonumber(m[2]) ~= first - 1 then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   return -1
 end
 redis.call('DEL', KEYS[3])
-local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 7))
+local n = redis.call('RPUSH', KEYS[2], unpack(ARGV, 8))
 local cap = tonumber(ARGV[3])
 if n > cap then
   redis.call('LTRIM', KEYS[2], -cap, -1)
   redis.call('HSET', KEYS[1], 'complete', '0')
 end
-redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 7)
+redis.call('HSET', KEYS[1], 'version', v, 'last_seq', first + #ARGV - 8)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
@@ -273,19 +276,19 @@ class PageCache:
             self._failed("cache fill", exc)
 
     async def appended(self, chat_id: str, version: int, first_seq: int, rows: list[bytes],
-                       publish: tuple[str, bytes] | None = None) -> bool:  # fmt: skip
+                       publish: tuple[str, bytes, str] | None = None) -> bool:  # fmt: skip
         """Put newly committed rows on the cached page, and publish
-        ``publish`` (channel, payload) in the same round trip. False when
+        ``publish`` (channel, payload, command) in the same round trip. False when
         that did not happen (the cache is off or Redis failed): the caller
         publishes on its own."""
         if not self.enabled:
             return False
-        channel, payload = publish or ("", b"")
+        channel, payload, command = publish or ("", b"", "")
         try:
             await self._batch.run(
                 self._append,
                 self._keys(chat_id),
-                [version, first_seq, self.rows, self._ttl, channel, payload, *rows],
+                [version, first_seq, self.rows, self._ttl, channel, payload, command, *rows],
             )
         except (RedisError, OSError) as exc:
             self._failed("cache append", exc)
@@ -329,7 +332,19 @@ MAX_CONNECTIONS = 64
 
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A Redis client whose every call is bounded by ``timeout`` seconds."""
+    """A Redis client whose every call is bounded by ``timeout`` seconds (a
+    redis-py RedisCluster for a ``redis+cluster://`` URL, REDIS_CLUSTER_NODES)."""
+    nodes = config.cluster_nodes(url)
+    if nodes is not None:
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            max_connections=MAX_CONNECTIONS,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+        )
+        redishealth.attach(client, timeout)
+        return client
     # One retry, on a lost connection only: after a Redis restart the pooled
     # socket is dead and the first attempt fails at once; the retry
     # reconnects. A timeout is not retried (redis-py's default would wait

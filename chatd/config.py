@@ -193,7 +193,42 @@ def _database_url(env: _Env) -> str | None:
     return f"postgresql://{auth}{quote(host, safe='')}:{port}/{quote(name, safe='')}"
 
 
+CLUSTER_SCHEME = "redis+cluster"
+
+
+def cluster_nodes(url: str | None) -> list[tuple[str, int]] | None:
+    """The seed nodes of a ``redis+cluster://host:port,host:port`` URL (what
+    REDIS_CLUSTER_NODES becomes), or None for any other URL."""
+    if not url or not url.startswith(CLUSTER_SCHEME + "://"):
+        return None
+    nodes = []
+    for part in url[len(CLUSTER_SCHEME) + 3 :].split(","):
+        host, _, port = part.rpartition(":")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def _cluster_url(raw: str) -> str:
+    nodes = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"REDIS_CLUSTER_NODES must be host:port[,host:port...], got {part!r}")
+        nodes.append(f"{host}:{int(port)}")
+    if not nodes:
+        raise ConfigError("REDIS_CLUSTER_NODES must name at least one host:port")
+    return f"{CLUSTER_SCHEME}://{','.join(nodes)}"
+
+
 def _redis_url(env: _Env) -> str | None:
+    cluster = env.get("REDIS_CLUSTER_NODES")
+    if cluster:
+        if env.get("REDIS_URL") or env.get("REDIS_HOST"):
+            raise ConfigError("set either REDIS_CLUSTER_NODES or REDIS_URL/REDIS_HOST, not both")
+        return _cluster_url(cluster)
     url = env.get("REDIS_URL")
     if url is not None:
         scheme = urlsplit(url).scheme

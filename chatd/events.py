@@ -11,14 +11,15 @@ from typing import Protocol
 class Announcement(Protocol):
     """New messages of one chat, on their way to every socket in its room.
 
-    ``remote`` is what other processes must receive (a channel and a ready
-    payload), so that the caller can publish it in the same Redis round trip
-    as its own write (the page cache's append script does); when it could
-    not, it calls :meth:`publish`. Then :meth:`deliver` hands them to this
-    process's sockets.
+    ``remote`` is what other processes must receive (the chat's channel, a
+    ready payload and the command that publishes it), so that the caller can
+    publish it in the same Redis round trip as its own write (the page
+    cache's append script does); when it could not, it calls
+    :meth:`publish`. Then :meth:`deliver` hands them to this process's
+    sockets.
     """
 
-    remote: tuple[str, bytes] | None
+    remote: tuple[str, bytes, str] | None
 
     async def publish(self) -> None: ...
 

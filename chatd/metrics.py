@@ -6,7 +6,8 @@ one process, and a second app registering the same names globally would fail.
 Counted as it happens: requests per route (the route's pattern, never the raw
 path, which would make a series per chat id) and status, their latency, and
 messages sent. Read when scraped: connected sockets, the page cache's hits and
-misses, and the PostgreSQL pool's usage.
+misses, the PostgreSQL pool's usage, and the Socket.IO relay's publications
+and channels (chatd.relay).
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ class Metrics:
         sockets: Callable[[], int] | None = None,
         cache: object = None,
         pool: Callable[[], dict] | None = None,
+        relay: object = None,
     ) -> None:
         """Where the scrape-time values come from (set once the stores exist)."""
         self._live.sockets, self._live.cache, self._live.pool = sockets, cache, pool
+        self._live.relay = relay
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -83,6 +86,7 @@ class _Live:
         self.sockets: Callable[[], int] | None = None
         self.cache = None  # chatd.cache.PageCache: .hits / .misses
         self.pool: Callable[[], dict] | None = None
+        self.relay = None  # chatd.relay.Relay: .published / .received / .channels
 
     def describe(self):
         return []
@@ -113,6 +117,24 @@ class _Live:
         )
         in_use.add_metric([], stats.get("size", 0) - stats.get("free", 0))
         yield in_use
+        relay = self.relay
+        published = CounterMetricFamily(
+            "chatd_relay_published",
+            "Publications this process sent to Redis for other processes (a batch counts once).",
+        )
+        received = CounterMetricFamily(
+            "chatd_relay_received",
+            "Publications this process received from Redis, its own included (a batch once).",
+        )
+        channels = GaugeMetricFamily(
+            "chatd_relay_channels", "Redis channels this process is subscribed to now."
+        )
+        published.add_metric([], getattr(relay, "published", 0))
+        received.add_metric([], getattr(relay, "received", 0))
+        channels.add_metric([], getattr(relay, "channels", 0))
+        yield published
+        yield received
+        yield channels
 
 
 class CountingEvents:

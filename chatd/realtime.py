@@ -8,8 +8,11 @@ the handshake (never from the payload), call the domain, answer the ack with
 
 Many processes, one service. With Redis configured every emit goes through
 :class:`RedisChatManager` (python-socketio's ``AsyncRedisManager``): the
-emitting process delivers to its own sockets and publishes the emit on
-``SOCKETIO_CHANNEL``; every other process delivers it to its sockets. chatd
+emitting process delivers to its own sockets and publishes the emit on the
+room's channel (chatd.relay: ``SOCKETIO_CHANNEL:{chat:ID}`` or
+``SOCKETIO_CHANNEL:{user:ID}``, sharded pub/sub), to which exactly the
+processes holding a socket in that room are subscribed; each delivers it to
+its sockets. chatd
 adds three things to python-socketio's message, all decided where the emit is
 delivered (each process knows only its own sockets):
 
@@ -37,8 +40,9 @@ python-socketio offers no public hooks for this, so chatd overrides a few of
 its internal methods (stable across 5.x, and every one exercised by
 tests/test_cluster.py, so an upgrade that changes them fails loudly there):
 ``AsyncServer._handle_event_internal`` (after-ack hooks),
-``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen``,
-``AsyncServer.manager_initialized`` and ``AsyncNamespace._set_server``; and
+``AsyncPubSubManager._handle_emit`` / ``_publish`` / ``_listen`` /
+``initialize``, ``AsyncServer.manager_initialized`` and
+``AsyncNamespace._set_server``; and
 ``AsyncServer._engineio_server_class`` for chatd's engine.io server
 (chatd.delivery, exercised by tests/test_realtime_delivery.py). Also:
 
@@ -52,7 +56,20 @@ tests/test_cluster.py, so an upgrade that changes them fails loudly there):
   ``pending_connect`` / ``pending_disconnect`` tables (dicts with the list
   methods python-socketio calls): exercised by tests/test_disconnect_storm.py
   and every connect and disconnect in tests/test_realtime*.py and
-  tests/test_cluster.py.
+  tests/test_cluster.py;
+- per-room channels (:class:`RedisChatManager`): ``BaseManager.rooms`` (a
+  room leaves that dict when its last socket leaves: the subscribe and
+  unsubscribe points, in ``basic_enter_room`` / ``basic_leave_room``),
+  ``AsyncPubSubManager.enter_room`` (awaited by every join, then the
+  subscription's confirmation), the message ``method`` / ``room`` fields
+  ``_publish`` routes on, and ``_thread`` reading ``_listen`` (python-socketio
+  runs it; chatd's listener yields what chatd.relay's readers received):
+  exercised by tests/test_cluster.py (each process receives only its chats'
+  traffic, and every cross-process test); ``AsyncRedisManager.redis_url`` /
+  ``redis_options`` / ``_get_redis_module`` (the listener's connection to one
+  Redis) and ``AsyncPubSubManager.host_id`` / ``channel``: the same tests;
+  ``AsyncPubSubManager._publish`` again in chatd.emitter (a write-only
+  manager publishing on the room's channel): tests/test_cli_seed.py.
 
 The log
 filter :class:`_ClientFaults` recognises engine.io's client-error lines by
@@ -87,14 +104,16 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+import redis.asyncio as aioredis
 import socketio
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from socketio import packet
 from socketio.async_manager import AsyncManager
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from tornado.httputil import HTTPHeaders
 
-from . import autopipe, delivery, validate
+from . import autopipe, delivery, relay, validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
 from .errors import ApiError, BadRequest, Forbidden, RateLimited, Unauthorized
@@ -116,15 +135,6 @@ MAX_PACKET = 64 * 1024
 VERSIONED = frozenset({"new-message", "message-updated", "message-deleted"})
 # Internal event: the sockets of room ``user:{user_id}`` leave ``chat:{chat_id}``.
 INTERNAL_LEAVE = "chatd:member-removed"
-# The pubsub listener pings Redis when it has heard nothing for this long, and
-# reconnects when the ping is not answered within as long again: a dead or
-# half-open connection is noticed within ~2x this, instead of never (a blocked
-# read without a timeout waits forever; a socket read timeout instead would
-# fire on every idle period).
-LISTEN_PING_INTERVAL = 5.0
-# Reconnect backoff of the listener: from 0.2 s up to 5 s (python-socketio's
-# own goes up to 60 s, i.e. up to a minute of lost events after Redis is back).
-LISTEN_RETRY = (0.2, 5.0)
 # A pub/sub message carrying several emits, in order (a group commit's new
 # messages): one PUBLISH, and one message to read on every process.
 BATCH = "chatd:batch"
@@ -739,20 +749,32 @@ class LocalChatManager(ChatManagerMixin, AsyncPubSubManager):
     async def _publish(self, data):
         return None
 
-    async def publish_raw(self, payload: bytes) -> None:
+    async def publish_raw(self, payload: bytes, channel: str | None = None) -> None:
+        return None
+
+    async def publish_emits(self, emits: list[dict]) -> None:
         return None
 
 
 class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
-    """python-socketio's Redis manager, made robust:
+    """python-socketio's Redis manager, on a channel per room (chatd.relay):
 
+    - an emit to ``chat:ID`` or ``user:ID`` is published on that room's
+      channel only (``SPUBLISH``), and this process subscribes to a room's
+      channel while at least one of its sockets is in the room: it receives
+      the traffic of its own chats and users, not everyone's. The rest of
+      python-socketio's relay (emits to a sid or to all, ``disconnect`` /
+      ``enter_room`` / ``leave_room`` of a remote sid) uses the control
+      channel ``SOCKETIO_CHANNEL``, which every process subscribes to;
+    - joining a room waits until Redis confirmed its channel's subscription
+      (:meth:`enter_room`), so a join-chat's read of what it missed happens
+      after every later publication is sure to reach this process;
     - publishing uses chatd's own Redis client (every call bounded by
-      REDIS_TIMEOUT), never the listener's connection, which has no read
-      timeout; a failed publish is logged and dropped (API.md: clients detect
-      the gap by seq and fetch it), it never fails the request that emitted;
+      REDIS_TIMEOUT, through the shared breaker), never the listener's
+      connection; a failed publish is logged and dropped (API.md: clients
+      detect the gap by seq and fetch it), it never fails the request;
     - the listener pings an idle connection and reconnects when Redis stops
-      answering, with a short backoff, so a Redis restart or a silently dead
-      connection costs seconds of events, not delivery forever.
+      answering, with a short backoff, and resubscribes every channel.
     """
 
     name = "chatd-redis"
@@ -773,27 +795,101 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         # (chatd.redishealth): skipped at once while Redis does not answer.
         self._batch = autopipe.batcher(publisher) if publisher is not None else None
         self._publish_failing = False
-        # Set while Redis has confirmed our subscription.
-        self.subscribed = asyncio.Event()
         self._own_suffix = f'"host_id":"{self.host_id}"}}'.encode()
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        cluster = isinstance(publisher, RedisCluster)
+        self.relay = relay.Relay(
+            channel,
+            connect=self._node_client,
+            node_of=self._node_of if cluster else (lambda _: ""),
+            deliver=self._inbox.put_nowait,
+            health=self._batch.health if self._batch is not None else None,
+            cluster=cluster,
+            ack_timeout=connect_timeout,
+            resolve=publisher.initialize if cluster else None,
+        )
+        # Set while Redis has confirmed our control channel's subscription.
+        self.subscribed = self.relay.subscribed
+
+    # -- channels -------------------------------------------------------------------
+
+    def _node_of(self, channel: str) -> str:
+        return self.publisher.get_node_from_key(channel).name
+
+    def _node_client(self, node: str):
+        """A client for the listener's connection to ``node`` (no read timeout)."""
+        if not node:
+            return self._get_redis_module().Redis.from_url(self.redis_url, **self.redis_options)
+        found = self.publisher.get_node(node_name=node)
+        kwargs = {
+            k: v
+            for k, v in found.connection_kwargs.items()
+            if k in ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+        }  # fmt: skip
+        return aioredis.Redis(host=found.host, port=found.port, **kwargs, **self.redis_options)
+
+    def channel_of(self, room: object) -> str:
+        """The channel an emit to ``room`` is published on."""
+        return relay.room_channel(self.channel, room) or self.channel
+
+    def basic_enter_room(self, sid, namespace, room, eio_sid=None):
+        new = room not in self.rooms.get(namespace, {})
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        if new:
+            channel = relay.room_channel(self.channel, room)
+            if channel is not None:
+                self.relay.want(channel)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        if room not in self.rooms.get(namespace, {}):
+            channel = relay.room_channel(self.channel, room)
+            if channel is not None:
+                self.relay.drop(channel)
+
+    async def enter_room(self, sid, namespace, room, eio_sid=None):
+        """python-socketio's, then wait until the room's channel is subscribed."""
+        await super().enter_room(sid, namespace, room, eio_sid=eio_sid)
+        channel = relay.room_channel(self.channel, room)
+        if channel is not None:
+            await self.relay.ready(channel)
+
+    # -- publish ------------------------------------------------------------------------
 
     async def _publish(self, data):
-        return await self.publish_raw(self.json.dumps(data))
+        room = data.get("room") if data.get("method") in ("emit", "close_room") else None
+        return await self.publish_raw(self.json.dumps(data), self.channel_of(room))
 
-    async def publish_raw(self, payload: bytes | str) -> None:
+    async def publish_emits(self, emits: list[dict]) -> None:
+        """Emits (to rooms) published one publication per channel, in order."""
+        by_channel: dict[str, list[dict]] = {}
+        for emit in emits:
+            by_channel.setdefault(self.channel_of(emit.get("room")), []).append(emit)
+        for channel, group in by_channel.items():
+            await self.publish_raw(publication(group, self.host_id), channel)
+
+    async def publish_raw(self, payload: bytes | str, channel: str | None = None) -> None:
         try:
             if not self._batch.health.up:
                 # The shared breaker: emits do not each wait for REDIS_TIMEOUT
                 # (the other processes miss the event either way).
                 raise RedisUnavailable("Redis is not answering")
-            await self._batch.run(None, (), ("PUBLISH", self.channel, payload))
+            command = (self.relay.publish_command, channel or self.channel, payload)
+            await self._batch.run(None, (), command)
         except (RedisError, OSError) as exc:
             if not self._publish_failing:  # once per outage
                 log.warning("cannot publish to Redis (%s): other processes miss events", exc)
                 self._publish_failing = True
             return None
+        self.relay.published += 1
         if self._publish_failing:
             self._publish_failing = False
+
+    # -- listen ---------------------------------------------------------------------
+
+    def initialize(self):
+        super().initialize()  # starts _thread, which reads _listen
+        self.relay.start()
 
     def _unbatch(self, raw: bytes) -> list:
         """A received payload as python-socketio's messages (dicts): a batch is
@@ -816,55 +912,16 @@ class RedisChatManager(ChatManagerMixin, socketio.AsyncRedisManager):
         return [data]
 
     async def _listen(self):
-        channel = self.channel.encode()
-        delay = LISTEN_RETRY[0]
-        failed = False
+        """What the relay's readers received, in order (python-socketio's
+        ``_thread`` handles each message)."""
         while True:
-            client = pubsub = None
-            try:
-                client = self._get_redis_module().Redis.from_url(
-                    self.redis_url, **self.redis_options
-                )
-                pubsub = client.pubsub()
-                await pubsub.subscribe(self.channel)
-                if failed:
-                    log.warning("listening to Redis again on %s", self.channel)
-                    failed = False
-                delay = LISTEN_RETRY[0]
-                pinged = False
-                while True:
-                    msg = await pubsub.get_message(timeout=LISTEN_PING_INTERVAL)
-                    if msg is None:
-                        if pinged:
-                            raise ConnectionError("Redis did not answer a ping in time")
-                        await pubsub.ping()
-                        pinged = True
-                        continue
-                    pinged = False
-                    if msg.get("type") == "message" and msg.get("channel") == channel:
-                        for data in self._unbatch(msg["data"]):
-                            yield data
-                    elif msg.get("type") == "subscribe":
-                        self.subscribed.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.subscribed.clear()
-                if not failed:
-                    log.warning("Redis listener failed (%s); reconnecting", exc)
-                failed = True
-            finally:
-                for closing in (pubsub, client):
-                    if closing is not None:
-                        try:
-                            await closing.aclose()
-                        except Exception:
-                            pass
-            if self._batch is None or self._batch.health.up:
-                await asyncio.sleep(delay)
-            else:  # reconnect as soon as the shared probe hears Redis again
-                await self._batch.health.wait_up(LISTEN_RETRY[1])
-            delay = min(delay * 2, LISTEN_RETRY[1])
+            raw = await self._inbox.get()
+            for data in self._unbatch(raw):
+                yield data
+
+    async def close(self) -> None:
+        await super().close()
+        await self.relay.close()
 
 
 # -- domain events -> emits ------------------------------------------------------
@@ -875,25 +932,31 @@ class NewMessages:
     ``new-message`` emit per message, published together (one payload), and
     delivered here through the manager's filters (join hold-back, floors)."""
 
-    __slots__ = ("manager", "messages", "remote", "room")
+    __slots__ = ("_sent", "manager", "messages", "remote", "room")
 
     def __init__(self, manager, messages: list[dict], raws: list[bytes]):
         self.manager = manager
         self.room = chat_room(messages[0]["chat_id"])
         self.messages = messages
-        channel = getattr(manager, "channel", None)
         self.remote = None
-        if channel is not None:
-            # The JSON is already made: other processes get it as is.
+        self._sent = False
+        channel_of = getattr(manager, "channel_of", None)
+        if channel_of is not None:
+            # The JSON is already made: other processes get it as is, on the
+            # chat's channel (one publication for the whole group commit).
             host = manager.host_id
             emits = [emit_message("new-message", orjson.Fragment(r), self.room, host) for r in raws]
-            self.remote = (channel, publication(emits, host))
+            command = manager.relay.publish_command
+            self.remote = (channel_of(self.room), publication(emits, host), command)
 
     async def publish(self) -> None:
         if self.remote is not None:
-            await self.manager.publish_raw(self.remote[1])
+            self._sent = True  # counted by publish_raw
+            await self.manager.publish_raw(self.remote[1], self.remote[0])
 
     async def deliver(self) -> None:
+        if self.remote is not None and not self._sent:
+            self.manager.relay.published += 1  # the cache's append script published it
         host = self.manager.host_id
         for message in self.messages:
             await self.manager._handle_emit(emit_message("new-message", message, self.room, host))
@@ -1012,7 +1075,7 @@ class ChatNamespace(socketio.AsyncNamespace):
             await manager._handle_emit(emit)
             emits.append(emit)
         if emits and getattr(manager, "channel", None) is not None:
-            await manager.publish_raw(publication(emits, host))
+            await manager.publish_emits(emits)
 
     async def trigger_event(self, event: str, *args):
         if event == "connect":

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -115,6 +116,19 @@ class RedisHealth:
                 log.exception("redis up callback failed")
 
     def _probe_client(self) -> aioredis.Redis:
+        if isinstance(self._client, RedisCluster):
+            # A Redis Cluster: PING the node chatd's client would send a
+            # keyless command to (a primary), on a connection of its own.
+            node = self._client.get_default_node() or self._client.get_nodes()[0]
+            kwargs = {
+                k: v for k, v in node.connection_kwargs.items()
+                if k in ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile",
+                         "ssl_keyfile")
+            }  # fmt: skip
+            return aioredis.Redis(
+                host=node.host, port=node.port, socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), **kwargs,
+            )  # fmt: skip
         pool = self._client.connection_pool
         kwargs = {
             **pool.connection_kwargs,

@@ -209,6 +209,7 @@ class Chatd:
             sockets=lambda: len(self.sio.eio.sockets),
             cache=page_cache,
             pool=lambda: self.storage.pool_stats,
+            relay=getattr(self.sio.manager, "relay", None),
         )
         verifier = TokenVerifier(
             s.access_token_secret, s.jwt_user_claims, s.jwt_audience, s.jwt_issuer

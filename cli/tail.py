@@ -1,9 +1,11 @@
 """chatctl tail: follow messages as every chatd process emits them.
 
-chatd publishes every emit on the Socket.IO Redis channel (SOCKETIO_CHANNEL),
+chatd publishes each chat's emits on that chat's Redis channel
+(``SOCKETIO_CHANNEL:{chat:ID}``, see chatd.relay; sharded pub/sub on Redis >= 7),
 as JSON ``{"method": "emit", "event", "data": [payload], "room": "chat:ID", ...}``
 (a group commit's new messages as one ``chatd:batch`` of such emits);
-tail subscribes to that channel, so it sees what every process's sockets see.
+tail subscribes to the channels of the chats it follows (``--chat``, required:
+no channel carries every chat), so it sees what every process's sockets see.
 
 ``--since-seq N`` first prints the history after seq N. To leave no gap and
 print nothing twice at the seam it subscribes first (Redis then delivers every
@@ -22,8 +24,9 @@ import signal
 import click
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from chatd import model, validate
+from chatd import config, model, relay, validate
 from chatd.errors import BadRequest
 from chatd.realtime import BATCH
 
@@ -133,32 +136,51 @@ async def follow(
     obj: Ctx, storage, chat_ids: list[str], fmt: str, since_seq: int | None, echo
 ) -> None:
     s = obj.settings
-    # Its own connection without a read timeout: a subscriber waits for as
-    # long as the chats are quiet (health checks notice a dead Redis).
-    client = aioredis.Redis.from_url(
-        s.redis_url, socket_connect_timeout=s.redis_timeout, health_check_interval=30
-    )
-    pubsub = client.pubsub()
     buffered: asyncio.Queue[bytes] = asyncio.Queue()
     rooms = {f"chat:{c}" for c in chat_ids} if chat_ids else None
+    channels = [relay.room_channel(s.socketio_channel, room) for room in sorted(rooms or ())]
+    wait = s.redis_timeout * 5
+    # chatd's own listener (chatd.relay): a connection per Redis node without
+    # a read timeout (a subscriber waits as long as the chats are quiet), a
+    # ping when idle, and every channel subscribed again after a reconnect.
+    seeds = config.cluster_nodes(s.redis_url)
+    cluster = None
+    if seeds is not None:
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            socket_connect_timeout=s.redis_timeout,
+        )
 
-    async def reader() -> None:
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is not None and msg.get("type") == "message":
-                buffered.put_nowait(msg["data"])
+        def connect(node: str) -> aioredis.Redis:
+            found = cluster.get_node(node_name=node)
+            return aioredis.Redis(
+                host=found.host, port=found.port, socket_connect_timeout=s.redis_timeout
+            )
 
-    task = None
+        def node_of(channel: str) -> str:
+            return cluster.get_node_from_key(channel).name
+    else:
+
+        def connect(node: str) -> aioredis.Redis:
+            return aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=s.redis_timeout)
+
+        def node_of(channel: str) -> str:
+            return ""
+
+    listener = relay.Relay(
+        channels[0], connect, node_of, buffered.put_nowait, cluster=cluster is not None,
+        ack_timeout=wait,
+    )  # fmt: skip
     try:
-        await pubsub.subscribe(s.socketio_channel)
+        if cluster is not None:
+            await asyncio.wait_for(cluster.initialize(), wait)
+        listener.start()
+        for channel in channels[1:]:
+            listener.want(channel)
         # Wait for Redis to confirm: from then on every publish reaches us.
-        while True:
-            msg = await pubsub.get_message(timeout=s.redis_timeout * 5)
-            if msg is None:
-                raise Failure(f"Redis did not confirm the subscription to {s.socketio_channel}")
-            if msg.get("type") == "subscribe":
-                break
-        task = asyncio.create_task(reader())
+        for channel in channels:
+            if not await listener.ready(channel):
+                raise Failure(f"Redis did not confirm the subscription to {channel}")
         what = ", ".join(chat_ids) if chat_ids else "every chat"
         click.echo(f"tail: following {what} (Ctrl-C to stop)", err=True)
 
@@ -179,13 +201,8 @@ async def follow(
                         break
                 seen[chat_id] = Seen(after)
 
-        while True:
-            if task.done():
-                task.result()  # re-raise what stopped the reader (Redis gone)
-            try:
-                raw = await asyncio.wait_for(buffered.get(), 1.0)
-            except TimeoutError:
-                continue
+        while True:  # the listener reconnects by itself when Redis goes away
+            raw = await buffered.get()
             for event, data in decode(raw, rooms):
                 if event == "new-message" and since_seq is not None:
                     chat_seen = seen.get(data.get("chat_id"))
@@ -194,14 +211,10 @@ async def follow(
                         continue
                 echo(format_event(event, data, fmt))
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()
-        with contextlib.suppress(Exception):
-            await client.aclose()
+        await listener.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await cluster.aclose()
 
 
 async def until_stopped(coro) -> None:
@@ -251,14 +264,15 @@ def tail(obj: Ctx, chat_ids: tuple[str, ...], fmt: str, since_seq: int | None) -
     """Print messages as they are sent, edited and deleted, on every chatd
     process, until Ctrl-C.
 
-    Follows the Socket.IO channel in Redis (SOCKETIO_CHANNEL), so it needs
-    REDIS_URL. With --since-seq, history after seq N is printed first, then the
-    live events, with no gap and no repeat between the two. In json format,
+    Follows the chats' Socket.IO channels in Redis (SOCKETIO_CHANNEL:{chat:ID}),
+    so it needs REDIS_URL and at least one --chat. With --since-seq, history
+    after seq N is printed first, then the live events, with no gap and no
+    repeat between the two. In json format,
     history rows have "event": "history".
 
     \b
     Example:
-      chatctl tail
+      chatctl tail --chat general
       chatctl tail --chat general --since-seq 0 --format json | jq .data.content
     """
     for chat_id in chat_ids:
@@ -269,6 +283,10 @@ def tail(obj: Ctx, chat_ids: tuple[str, ...], fmt: str, since_seq: int | None) -
     if since_seq is not None and not chat_ids:
         raise click.UsageError("--since-seq needs --chat (the history of which chat?)")
     obj.redis_url()
+    if not chat_ids:
+        raise click.UsageError(
+            "name the chats to follow with --chat (each chat has its own Redis channel)"
+        )
 
     def echo(line: str) -> None:
         click.echo(line)  # click.echo flushes: a pipe reader sees each line at once

@@ -137,6 +137,17 @@ def redis_prefix():
         client.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real 3-master Redis Cluster, started once for the session
+    (tests/faults.py); ``.nodes`` is REDIS_CLUSTER_NODES."""
+    from .faults import RedisClusterServers
+
+    servers = RedisClusterServers().start()
+    yield servers
+    servers.close()
+
+
 @pytest.fixture
 def redis_client():
     client = redis.Redis.from_url(REDIS_URL)

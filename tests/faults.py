@@ -37,6 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _abort(writer: asyncio.StreamWriter) -> None:
     """Close with RST (SO_LINGER 0), as a crashed or restarted server does."""
     sock = writer.get_extra_info("socket")
@@ -205,6 +214,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="chatd-test-redis-")
         self.proc: subprocess.Popen | None = None
+        self.extra: list[str] = []  # more redis-server arguments
 
     @property
     def url(self) -> str:
@@ -213,7 +223,7 @@ class RedisServer:
     def start(self, timeout: float = 10) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", self.dir],
+             "--appendonly", "no", "--daemonize", "no", "--dir", self.dir, *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -238,6 +248,56 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServers:
+    """A real 3-master Redis Cluster of the tests' own: three redis-server with
+    ``cluster-enabled yes`` on free ports in a temporary folder, joined by
+    ``redis-cli --cluster create`` (no replicas)."""
+
+    def __init__(self, masters: int = 3):
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed")
+        self.cli = cli
+        self.servers = [RedisServer() for _ in range(masters)]
+
+    @property
+    def nodes(self) -> str:
+        """REDIS_CLUSTER_NODES for chatd."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def start(self, timeout: float = 30) -> RedisClusterServers:
+        for server in self.servers:
+            # The cluster bus listens on port + 10000: both must be free.
+            while server.port > 55000 or not _free(server.port + 10000):
+                server.port = free_port()
+            server.extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                            "--cluster-config-file", f"{server.dir}/nodes.conf"]  # fmt: skip
+            server.start()
+        subprocess.run(
+            [self.cli, "--cluster", "create",
+             *(f"127.0.0.1:{s.port}" for s in self.servers), "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for server in self.servers:
+            while True:
+                info = subprocess.run(
+                    [self.cli, "-p", str(server.port), "cluster", "info"],
+                    capture_output=True, text=True, timeout=5,
+                ).stdout  # fmt: skip
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis Cluster not ready: {info}")
+                time.sleep(0.1)
+        return self
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
 
 
 class PostgresCluster:

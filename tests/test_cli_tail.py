@@ -149,6 +149,10 @@ def test_tail_needs_redis_and_since_seq_needs_a_chat(chatctl):
     result = chatctl("tail", REDIS_URL=None)
     assert result.exit_code == 2
     assert "no Redis configured" in result.stderr
+    # No channel carries every chat (chatd.relay): which chats must be said.
+    every = chatctl("tail")
+    assert every.exit_code == 2
+    assert "--chat" in every.stderr
     missing = chatctl("tail", "--chat", "no-such-chat-here", "--since-seq", "0")
     assert missing.exit_code == 1
     assert "not found" in missing.stderr

@@ -1,6 +1,8 @@
 """Many chatd processes as one service: three real processes on different
 ports share one PostgreSQL database and one Redis (SOCKETIO_CHANNEL and key
-prefix of this test run), and clients connect to different ones.
+prefix of this test run), and clients connect to different ones. Every test
+that takes ``store`` runs twice: on the machine's Redis, and on a real
+3-master Redis Cluster the session starts (REDIS_CLUSTER_NODES).
 
 Negative checks ("nothing arrives") wait for a positive event that was sent
 after the unwanted one would have been, where the order is guaranteed, and
@@ -15,9 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from chatd import realtime
+from chatd.server import Chatd
 
+from . import faults
 from .conftest import REDIS_URL
 from .helpers import Api, SocketClient
 
@@ -28,12 +33,47 @@ QUIET = 0.6  # how long "nothing arrives" is watched, seconds
 ENV = {"PRESENCE_TTL": TTL, "RATE_LIMIT_SENDS": "100000/1s", "LOG_LEVEL": "info"}
 
 
+class Store:
+    """Where the processes of a test keep their Redis state: one Redis, or a
+    Redis Cluster (``env`` selects it; ``client(key)`` is a plain client of
+    the node that holds ``key`` or channel ``key``)."""
+
+    def __init__(self, cluster=None):
+        self.cluster = cluster
+        self.env = {"REDIS_URL": None, "REDIS_CLUSTER_NODES": cluster.nodes} if cluster else {}
+        self._clients: list = []
+
+    async def client(self, key: str) -> aioredis.Redis:
+        if self.cluster is None:
+            client = aioredis.Redis.from_url(REDIS_URL)
+        else:
+            nodes = [ClusterNode("127.0.0.1", s.port) for s in self.cluster.servers]
+            cluster = RedisCluster(startup_nodes=nodes)
+            await cluster.initialize()
+            node = cluster.get_node_from_key(key)
+            await cluster.aclose()
+            client = aioredis.Redis(host=node.host, port=node.port)
+        self._clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def store(request, io_loop):
+    store = Store(request.getfixturevalue("redis_cluster") if request.param == "cluster" else None)
+    yield store
+    io_loop.run_sync(store.close)
+
+
 @pytest.fixture
-def three(spawn):
+def three(spawn, store):
     """Processes A, B and C of one service (started side by side: each start
     mostly waits for imports and connections)."""
     with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(lambda _: spawn(**ENV), range(3)))
+        return list(pool.map(lambda _: spawn(**ENV, **store.env), range(3)))
 
 
 async def connect(proc, user: str) -> SocketClient:
@@ -63,16 +103,13 @@ def presence_of(client: SocketClient, user: str, online: bool) -> list:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_every_process_is_subscribed_before_it_serves(three, redis_prefix):
+async def test_every_process_is_subscribed_before_it_serves(three, store, redis_prefix):
     # python-socketio would subscribe on the first connection: a client that
     # joined right after a restart could miss what was published meanwhile.
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        channel = f"{redis_prefix}:socketio"
-        [(_, subscribers)] = await r.pubsub_numsub(channel)
-        assert subscribers == 3
-    finally:
-        await r.aclose()
+    channel = f"{redis_prefix}:socketio"  # the control channel (chatd.relay)
+    r = await store.client(channel)
+    [(_, subscribers)] = await r.pubsub_shardnumsub(channel)
+    assert subscribers == 3
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -102,19 +139,20 @@ async def test_rest_send_on_one_process_reaches_sockets_on_the_others(three, cha
 @pytest.mark.parametrize("cache_rows", ["100", "0"], ids=["cache", "no-cache"])
 @pytest.mark.gen_test(timeout=90)
 async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
-    spawn, chat_id, redis_prefix, cache_rows
+    spawn, store, chat_id, redis_prefix, cache_rows
 ):
     # A burst to one chat is group-committed on A; each batch's new-message
     # events travel to B as one publication (with the page cache on, inside
     # the cache's append script; with it off, on their own). B's socket gets
     # every message once, in seq order.
-    a = spawn(**ENV, CACHE_ROWS=cache_rows)
-    b = spawn(**ENV)
+    a = spawn(**ENV, **store.env, CACHE_ROWS=cache_rows)
+    b = spawn(**ENV, **store.env)
     await Api(a.url).create_chat(chat_id, members=["bob"])
     bob = await connect(b, "bob")
-    r = aioredis.Redis.from_url(REDIS_URL)
+    channel = f"{redis_prefix}:socketio:{{chat:{chat_id}}}"  # the chat's channel
+    r = await store.client(channel)
     pubsub = r.pubsub()
-    await pubsub.subscribe(f"{redis_prefix}:socketio")
+    await pubsub.ssubscribe(channel)
     try:
         await join(bob, chat_id)
         n = 80
@@ -124,7 +162,7 @@ async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
         await bob.wait_for("new-message", lambda m: len(bob.of("new-message")) >= n)
         published = 0
         while msg := await pubsub.get_message(timeout=QUIET):
-            published += msg["type"] == "message"
+            published += msg["type"] == "smessage"
         await asyncio.sleep(QUIET)  # a duplicate would have arrived by now
         got = bob.of("new-message")
         assert [m["seq"] for m in got] == list(range(1, n + 1))
@@ -133,18 +171,17 @@ async def test_a_burst_reaches_other_processes_in_few_publications_in_order(
         assert 0 < published < n
     finally:
         await pubsub.aclose()
-        await r.aclose()
         await close_all(bob)
 
 
 @pytest.mark.gen_test(timeout=90)
 async def test_presence_is_counted_across_processes_and_survives_sigkill(
-    three, chat_id, redis_prefix
+    three, store, chat_id, redis_prefix
 ):
     a, b, c = three
     await Api(a.url).create_chat(chat_id, members=["bob", "carol", "dave"])
-    r = aioredis.Redis.from_url(REDIS_URL)
     counts = f"{redis_prefix}:{{presence}}:chat:{chat_id}"
+    r = await store.client(counts)
     dave = await connect(a, "dave")  # the observer, on A
     bob_b = await connect(b, "bob")
     bob_c = await connect(c, "bob")
@@ -196,13 +233,12 @@ async def test_presence_is_counted_across_processes_and_survives_sigkill(
         assert presence_of(dave, "dave", False) == []
     finally:
         await close_all(dave, bob_b, bob_c, carol_c, alice_a, alice_c)
-        await r.aclose()
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_graceful_stop_says_goodbye_at_once(spawn, chat_id):
-    a = spawn(**{**ENV, "PRESENCE_TTL": 60})
-    b = spawn(**{**ENV, "PRESENCE_TTL": 60})
+async def test_graceful_stop_says_goodbye_at_once(spawn, store, chat_id):
+    a = spawn(**{**ENV, **store.env, "PRESENCE_TTL": 60})
+    b = spawn(**{**ENV, **store.env, "PRESENCE_TTL": 60})
     await Api(a.url).create_chat(chat_id, members=["bob"])
     alice = await connect(a, "alice")
     bob = await connect(b, "bob")
@@ -387,12 +423,16 @@ async def test_rejoin_on_another_process_misses_nothing_and_sees_nothing_twice(t
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_delivery_resumes_after_the_redis_listener_connection_dies(three, chat_id):
+async def test_delivery_resumes_after_the_redis_listener_connection_dies(
+    three, store, chat_id, redis_prefix
+):
     a, b, _ = three
     api = Api(a.url)
     await api.create_chat(chat_id, members=["bob"])
     bob = await connect(b, "bob")
-    r = aioredis.Redis.from_url(REDIS_URL)
+    # The connection that carries the chat's channel (on a cluster: to the
+    # node that owns the chat's slot).
+    r = await store.client(f"{redis_prefix}:socketio:{{chat:{chat_id}}}")
     try:
         await join(bob, chat_id)
         first = (await api.send(chat_id, "before")).json
@@ -414,56 +454,47 @@ async def test_delivery_resumes_after_the_redis_listener_connection_dies(three, 
                 assert time.monotonic() < deadline, "B never heard from Redis again"
     finally:
         await bob.close()
-        await r.aclose()
-
-
-class _DeadPubSub:
-    """A pubsub whose connection went silent: nothing arrives, pings included."""
-
-    async def subscribe(self, *channels):
-        pass
-
-    async def get_message(self, timeout=None):
-        await asyncio.sleep(timeout)
-        return None
-
-    async def ping(self):
-        pass
-
-    async def aclose(self):
-        pass
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_listener_reconnects_when_redis_stops_answering(monkeypatch):
-    connects = []
+async def test_listener_reconnects_when_redis_stops_answering(monkeypatch, tcp_proxy):
+    # Redis (behind a proxy) goes silent: no reset, nothing answers. The
+    # relay's reader notices by its unanswered ping, reconnects once Redis is
+    # back, subscribes every channel it wanted again, and delivers.
+    from chatd import relay
 
-    class FakeRedis:
-        @classmethod
-        def from_url(cls, url, **options):
-            connects.append(options)
-            return cls()
-
-        def pubsub(self):
-            return _DeadPubSub()
-
-        async def aclose(self):
-            pass
-
-    class FakeModule:
-        Redis = FakeRedis
-
-    monkeypatch.setattr(realtime, "LISTEN_PING_INTERVAL", 0.05)
-    monkeypatch.setattr(realtime, "LISTEN_RETRY", (0.01, 0.01))
-    manager = realtime.RedisChatManager("redis://x", "chan", publisher=None, connect_timeout=1)
-    monkeypatch.setattr(manager, "_get_redis_module", lambda: FakeModule)
-    listener = asyncio.ensure_future(manager._listen().__anext__())
-    deadline = time.monotonic() + 5
-    while len(connects) < 3:
-        assert time.monotonic() < deadline, "the listener never gave up on a silent connection"
-        await asyncio.sleep(0.02)
-    listener.cancel()
-    assert connects[0]["client_name"].startswith("chatd-sub-")
+    monkeypatch.setattr(relay, "LISTEN_PING_INTERVAL", 0.1)
+    monkeypatch.setattr(relay, "LISTEN_RETRY", (0.05, 0.05))
+    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+    proxy = tcp_proxy(host, int(port))
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    got: list[bytes] = []
+    listener = relay.Relay(
+        "t-control", connect=lambda node: aioredis.Redis.from_url(url),
+        node_of=lambda channel: "", deliver=got.append,
+    )  # fmt: skip
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        listener.start()
+        listener.want("t-control:{chat:x}")
+        await asyncio.wait_for(listener.ready("t-control:{chat:x}"), 5)
+        assert listener.subscribed.is_set()
+        proxy.cut(faults.BLACKHOLE)
+        deadline = time.monotonic() + 5
+        while listener.subscribed.is_set():
+            assert time.monotonic() < deadline, "the listener never gave up on a silent connection"
+            await asyncio.sleep(0.02)
+        proxy.restore()
+        await asyncio.wait_for(listener.subscribed.wait(), 5)
+        await asyncio.wait_for(listener.ready("t-control:{chat:x}"), 5)
+        await r.execute_command("SPUBLISH", "t-control:{chat:x}", b"after")
+        deadline = time.monotonic() + 5
+        while got != [b"after"]:
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.02)
+    finally:
+        await listener.close()
+        await r.aclose()
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -501,3 +532,104 @@ async def test_a_late_publish_of_a_message_the_join_ack_covered_is_dropped(chatd
         await bob.wait_for("new-message", lambda m: m["seq"] == 2)
     finally:
         await close_all(bob, alice)
+
+
+async def relay_metrics(proc) -> dict[str, float]:
+    """chatd_relay_* of one process, from its /metrics."""
+    text = (await Api(proc.url).get("/metrics")).body.decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("chatd_relay_"):
+            name, value = line.split()
+            found[name] = float(value)
+    return found
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_each_process_receives_only_the_traffic_of_its_own_chats(three, chat_id):
+    # Chat X has its socket on A, Y on B, Z on C; every message is sent over
+    # REST on C. With one channel for everything each process received all
+    # 3 x N publications; per-chat channels bring each only its chat's N (its
+    # own publications come back to C too: it is subscribed to Z).
+    procs = dict(zip("ABC", three, strict=True))
+    users = {"A": "ann", "B": "bob", "C": "cat"}
+    chats = {name: f"{chat_id}-{name.lower()}" for name in procs}
+    api = Api(procs["C"].url)
+    for name, chat in chats.items():
+        await api.create_chat(chat, members=[users[name]])
+    clients = {name: await connect(procs[name], users[name]) for name in procs}
+    try:
+        for name, chat in chats.items():
+            await join(clients[name], chat)
+        for name in procs:  # the control channel, the user's, the chat's
+            assert (await relay_metrics(procs[name]))["chatd_relay_channels"] == 3
+        await asyncio.sleep(QUIET)  # presence announcements of the joins are through
+        before = {name: await relay_metrics(procs[name]) for name in procs}
+        n = 10
+        for i in range(n):
+            for chat in chats.values():
+                assert (await api.send(chat, f"m{i}")).status == 201
+        for client in clients.values():
+            await client.wait_for("new-message", lambda m, c=client: len(c.of("new-message")) >= n)
+        await asyncio.sleep(QUIET)
+        after = {name: await relay_metrics(procs[name]) for name in procs}
+
+        def delta(name: str, metric: str) -> float:
+            return (
+                after[name][f"chatd_relay_{metric}_total"]
+                - before[name][f"chatd_relay_{metric}_total"]
+            )
+
+        assert delta("C", "published") == 3 * n
+        assert delta("A", "published") == delta("B", "published") == 0
+        for name in procs:
+            assert delta(name, "received") == n, (name, before, after)
+            got = clients[name].of("new-message")
+            assert {m["chat_id"] for m in got} == {chats[name]}
+        # Leaving the chat unsubscribes its channel (the last local socket left).
+        ack = await clients["A"].call("leave-chat", {"chat_id": chats["A"]})
+        assert ack["ok"] is True
+        deadline = time.monotonic() + 5
+        while (await relay_metrics(procs["A"]))["chatd_relay_channels"] != 2:
+            assert time.monotonic() < deadline, "A kept the channel of a chat it left"
+            await asyncio.sleep(0.05)
+        quiet = await relay_metrics(procs["A"])
+        assert (await api.send(chats["A"], "after leaving")).status == 201
+        await asyncio.sleep(QUIET)
+        assert (await relay_metrics(procs["A"]))["chatd_relay_received_total"] == (
+            quiet["chatd_relay_received_total"]
+        )
+    finally:
+        await close_all(*clients.values())
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_python_socketio_room_changes_and_kicks_of_a_remote_socket_cross_processes(
+    chatd, api, settings, chat_id
+):
+    # python-socketio's own relay (leave_room / disconnect of a sid another
+    # process holds) goes on the control channel, which every process
+    # follows: per-room channels must not lose it.
+    other = Chatd(settings)
+    await other.start()
+    bob = await connect(f"http://127.0.0.1:{chatd.port}", "bob")
+    try:
+        await api.create_chat(chat_id, members=["bob"])
+        await join(bob, chat_id)
+        [sid] = [s for s, u in chatd.sio.namespace_handlers["/"].users.items() if u == "bob"]
+        await other.sio.leave_room(sid, realtime.chat_room(chat_id))
+        deadline = time.monotonic() + 5
+        while realtime.chat_room(chat_id) in chatd.sio.manager.get_rooms(sid, "/"):
+            assert time.monotonic() < deadline, "the remote leave_room never arrived"
+            await asyncio.sleep(0.02)
+        await api.send(chat_id, "not for bob any more")
+        await asyncio.sleep(QUIET)
+        assert bob.of("new-message") == []
+        await other.sio.disconnect(sid)
+        deadline = time.monotonic() + 5
+        while bob.sio.connected:
+            assert time.monotonic() < deadline, "the remote disconnect never arrived"
+            await asyncio.sleep(0.02)
+    finally:
+        await close_all(bob)
+        await other.stop()

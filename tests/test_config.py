@@ -57,6 +57,26 @@ def test_redis_url_with_a_wrong_scheme_is_refused():
         load({**BASE, "REDIS_URL": "http://localhost:6379"})
 
 
+def test_redis_cluster_nodes_are_read_in_place_of_redis_url():
+    s = load({**BASE, "REDIS_CLUSTER_NODES": " 10.0.0.1:7000, redis-b:7001 ,"})
+    assert s.redis_url == "redis+cluster://10.0.0.1:7000,redis-b:7001"
+    assert config.cluster_nodes(s.redis_url) == [("10.0.0.1", 7000), ("redis-b", 7001)]
+    assert config.cluster_nodes("redis://localhost:6379/0") is None
+    # Workers only need some Redis: a cluster is one.
+    assert load({**BASE, "REDIS_CLUSTER_NODES": "h:7000", "CHATD_WORKERS": "2"}).workers == 2
+
+
+@pytest.mark.parametrize("raw", ["h", "h:", ":7000", "h:70000", "h:x", ","])
+def test_malformed_redis_cluster_nodes_are_refused_naming_it(raw):
+    with pytest.raises(config.ConfigError, match="REDIS_CLUSTER_NODES"):
+        load({**BASE, "REDIS_CLUSTER_NODES": raw})
+
+
+def test_redis_cluster_nodes_and_redis_url_together_are_refused():
+    with pytest.raises(config.ConfigError, match="REDIS_CLUSTER_NODES"):
+        load({**BASE, "REDIS_CLUSTER_NODES": "h:7000", "REDIS_URL": "redis://r:6379/0"})
+
+
 def test_db_parts_are_assembled_into_a_url_with_quoting():
     s = load(
         {
