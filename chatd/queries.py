@@ -593,16 +593,24 @@ class SQL:
     # even a candidate. A tombstone's search is NULL: it never matches. The
     # query text arrives folded by chatd (chatd.text.fold), like the content.
     # Keyset paging on id, newest first; limit is the page size + 1.
+    # A query with no word that must be present (only exclusions, only
+    # stop-words, only operators) has no index condition (querytree 'T')
+    # and matches nothing, rather than every message the caller can read.
+    _QUERY = """
+        SELECT t.q, querytree(t.q) <> 'T' AS indexable
+          FROM websearch_to_tsquery(%(ts_config)s::regconfig, %(q)s) AS t(q)"""
     SEARCH_MINE = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.search @@ websearch_to_tsquery(%(ts_config)s::regconfig, %(q)s)
+        WITH q AS ({_QUERY})
+        SELECT {MSG_COLS} FROM messages m, q
+         WHERE m.search @@ q.q AND q.indexable
            AND m.chat_id IN (SELECT cm.chat_id FROM chat_members cm
                               WHERE cm.user_id = %(user_id)s)
            AND m.id < %(before)s
          ORDER BY m.id DESC LIMIT %(limit)s"""
     SEARCH_CHAT = f"""
-        SELECT {MSG_COLS} FROM messages m
-         WHERE m.search @@ websearch_to_tsquery(%(ts_config)s::regconfig, %(q)s)
+        WITH q AS ({_QUERY})
+        SELECT {MSG_COLS} FROM messages m, q
+         WHERE m.search @@ q.q AND q.indexable
            AND m.chat_id = %(chat_id)s
            AND EXISTS (SELECT 1 FROM chats c
                         WHERE c.id = %(chat_id)s
