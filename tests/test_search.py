@@ -460,3 +460,80 @@ async def test_direct_ids_are_reserved_and_bad_user_ids_are_refused(api):
     for bad in ("%01", "x" * 129, "%F0"):
         resp = await api.put(f"/direct/{bad}", user=w.a)
         assert resp.status in (400, 404) and resp.error_code in ("validation_error", "not_found")
+
+
+# -- who may ----------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_authorisation_matrix(api, url):
+    """Search, mentions and direct chats x owner, admin, member, non-member of
+    a private chat, non-member of a public chat, no token; and the mention
+    event x who gets it."""
+    w = World()
+    owner, admin, member, outsider = w.a, w.b, w.c, w.d
+    priv, pub = w.chat(), w.chat()
+    for cid, vis in ((priv, "private"), (pub, "public")):
+        await api.create_chat(cid, owner=owner, members=[member], visibility=vis)
+        await api.put(f"/chats/{cid}/members/{admin}", {"role": "admin"}, user=owner)
+    msg = {
+        cid: await sent(api, cid, f"{w.word} @{owner} @{admin} @{member} @{outsider}", owner)
+        for cid in (priv, pub)
+    }
+    # The outsider is named but is no member: not a mention, in either chat.
+    assert msg[priv]["mentions"] == msg[pub]["mentions"] == [owner, admin, member]
+
+    want = {}
+    got = {}
+    for user in (owner, admin, member, outsider, None):
+        for cid in (priv, pub):
+            resp = await api.get(f"/search?q={w.word}&chat_id={cid}", user=user)
+            got[("search-chat", cid, user)] = (
+                resp.status,
+                ids(resp.json) if resp.status == 200 else None,
+            )
+            if user is None:
+                want[("search-chat", cid, user)] = (401, None)
+            elif user == outsider and cid == priv:
+                want[("search-chat", cid, user)] = (404, None)
+            else:
+                want[("search-chat", cid, user)] = (200, [msg[cid]["id"]])
+        resp = await api.get(f"/search?q={w.word}", user=user)
+        got[("search", user)] = (resp.status, ids(resp.json) if resp.status == 200 else None)
+        want[("search", user)] = (
+            (401, None) if user is None
+            else (200, []) if user == outsider
+            else (200, [msg[pub]["id"], msg[priv]["id"]])
+        )  # fmt: skip
+        resp = await api.get("/mentions", user=user)
+        got[("mentions", user)] = (resp.status, ids(resp.json) if resp.status == 200 else None)
+        want[("mentions", user)] = (
+            (401, None) if user is None
+            else (200, []) if user == outsider
+            else (200, [msg[pub]["id"], msg[priv]["id"]])
+        )  # fmt: skip
+        resp = await api.put(f"/direct/{member}", user=user)
+        got[("direct", user)] = resp.status
+        # Anyone signed in opens their own direct chat with anyone (the
+        # member with themselves: a chat of one).
+        want[("direct", user)] = 401 if user is None else 201
+    assert got == want
+    # Adding a member or re-roling in a direct chat: 409 for everyone in it,
+    # 404 for everyone outside it, 401 without a token.
+    dm = direct_chat_id(owner, member)
+    for user, code in ((owner, 409), (member, 409), (admin, 404), (None, 401)):
+        resp = await api.put(f"/chats/{dm}/members/{admin}", {}, user=user)
+        assert resp.status == code, (user, resp)
+    # The mention event goes to the mentioned user's sockets only.
+    socks = {u: await SocketClient(url, user=u).connect() for u in (member, outsider, admin)}
+    try:
+        hit = await sent(api, pub, f"@{member} @{outsider} only", owner)
+        assert (await socks[member].wait_for("mention"))["message"]["id"] == hit["id"]
+        marker = await sent(api, pub, f"@{admin} marker", owner)
+        await socks[admin].wait_for("mention", lambda d: d["message"]["id"] == marker["id"])
+        await asyncio.sleep(0.2)
+        assert socks[outsider].of("mention") == []
+        assert len(socks[admin].of("mention")) == 1
+    finally:
+        for sock in socks.values():
+            await sock.close()
