@@ -89,7 +89,8 @@ def generate(admin_url: str, reuse: bool) -> str:
     exists = _exec(admin_url, "SELECT 1 FROM pg_database WHERE datname = %s", (DB,), fetch=True)
     if exists and reuse:
         n = _exec(url, "SELECT count(*) FROM messages", fetch=True)[0][0]
-        if n == CHATS * PER_CHAT:
+        interleaved = _exec(url, "SELECT chat_id FROM messages ORDER BY id LIMIT 2", fetch=True)
+        if n == CHATS * PER_CHAT and interleaved[0] != interleaved[1]:
             print(f"reusing {DB} ({n:,} messages)")
             return url
     _exec(admin_url, f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
@@ -112,26 +113,30 @@ def generate(admin_url: str, reuse: bool) -> str:
         """,
         {"per": PER_CHAT, "chats": CHATS, "member_of": MEMBER_OF},
     )
-    # One statement per 100 chats keeps each transaction (and its WAL) modest.
-    for first in range(1, CHATS + 1, 100):
+    # Messages of all chats interleave in time, as in a real deployment (ids
+    # grow with time across chats): one statement per 100 seqs of every
+    # chat, rows in (seq, chat) order, which keeps each transaction modest.
+    for first in range(1, PER_CHAT + 1, 100):
+        last = min(first + 99, PER_CHAT)
         _exec(
             url,
             """
             INSERT INTO messages (chat_id, seq, sender_id, content, version, created_at, search)
             SELECT 'bench-' || c, s, 'user-' || (s %% 10), t.txt, s,
                    now() - make_interval(secs => (%(per)s - s) * 60), to_tsvector('simple', t.txt)
-              FROM generate_series(%(first)s, %(last)s) c, generate_series(1, %(per)s) s,
+              FROM generate_series(%(first)s, %(last)s) s, generate_series(1, %(chats)s) c,
                    LATERAL (
                        SELECT string_agg(
                                   (%(words)s::text[])[1 + floor(%(vocab)s * random() ^ 3)::int],
                                   ' ') AS txt
                          FROM generate_series(1, 8 + ((c * 7 + s * 13) %% 7)) w
                         WHERE s > 0 AND c > 0) t
+             ORDER BY s, c
             """,
-            {"first": first, "last": min(first + 99, CHATS), "per": PER_CHAT,
+            {"first": first, "last": last, "per": PER_CHAT, "chats": CHATS,
              "words": words, "vocab": VOCAB},
         )  # fmt: skip
-        print(f"  chats {first}-{min(first + 99, CHATS)} loaded", flush=True)
+        print(f"  seq {first}-{last} of every chat loaded", flush=True)
     t1 = time.monotonic()
     _exec(url, "CREATE INDEX messages_search ON messages USING gin (search)")
     t2 = time.monotonic()
