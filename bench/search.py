@@ -266,6 +266,7 @@ def sizes_and_plans(url: str, words: list[str]) -> None:
         plan = _exec(
             url, sql,
             {"ts_config": "simple", "q": word, "user_id": "searcher",
+             "chats": [f"bench-{i}" for i in range(1, MEMBER_OF + 1)],
              "before": 2**63 - 1, "limit": 21},
             fetch=True,
         )  # fmt: skip

@@ -593,6 +593,13 @@ class SQL:
     # even a candidate. A tombstone's search is NULL: it never matches. The
     # query text arrives folded by chatd (chatd.text.fold), like the content.
     # Keyset paging on id, newest first; limit is the page size + 1.
+    # SEARCH_MINE also gets the caller's chat ids as a constant array (read
+    # just before, MY_CHATS): the planner then makes one GIN bitmap AND one
+    # bitmap of those chats' rows, rather than one GIN scan per chat
+    # (2-4x faster for rare words and phrases over 50 chats, see
+    # docs/PERFORMANCE.md). Membership is still checked in the statement
+    # itself, so a chat left in between is not searched.
+    MY_CHATS = "SELECT cm.chat_id FROM chat_members cm WHERE cm.user_id = %(user_id)s"
     # A query with no word that must be present (only exclusions, only
     # stop-words, only operators) has no index condition (querytree 'T')
     # and matches nothing, rather than every message the caller can read.
@@ -603,6 +610,7 @@ class SQL:
         WITH q AS ({_QUERY})
         SELECT {MSG_COLS} FROM messages m, q
          WHERE m.search @@ q.q AND q.indexable
+           AND m.chat_id = ANY (%(chats)s::text[])
            AND m.chat_id IN (SELECT cm.chat_id FROM chat_members cm
                               WHERE cm.user_id = %(user_id)s)
            AND m.id < %(before)s

@@ -301,7 +301,12 @@ class Storage:
                      limit: int) -> list[tuple]:  # fmt: skip
         params = {"user_id": user_id, "q": fold(q), "chat_id": chat_id, "before": before,
                   "limit": limit, "ts_config": self.search_config}  # fmt: skip
-        return await self._all(SQL.SEARCH_MINE if chat_id is None else SQL.SEARCH_CHAT, params)
+        if chat_id is not None:
+            return await self._all(SQL.SEARCH_CHAT, params)
+        params["chats"] = [r[0] for r in await self._all(SQL.MY_CHATS, params)]
+        if not params["chats"]:
+            return []
+        return await self._all(SQL.SEARCH_MINE, params)
 
     async def mentions(self, user_id: str, before: int, unread: bool, limit: int) -> list[tuple]:
         return await self._all(
