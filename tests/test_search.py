@@ -537,3 +537,20 @@ async def test_authorisation_matrix(api, url):
     finally:
         for sock in socks.values():
             await sock.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_hostile_content_is_stored_and_searchable_never_a_500(api):
+    """A word longer than PostgreSQL indexes, thousands of @candidates, and
+    text that NFKD expands 18-fold are all sent and searched normally."""
+    w = World()
+    chat = w.chat()
+    await api.create_chat(chat, owner=w.a, members=[w.b])
+    long_word = await sent(api, chat, f"{w.word} " + "x" * 3000, w.a)
+    assert long_word["content"].endswith("x" * 3000)
+    assert ids(await search(api, w.a, w.word)) == [long_word["id"]]
+    crowd = " ".join(f"@n{i}" for i in range(600)) + f" @{w.b}"
+    msg = await sent(api, chat, crowd, w.a)
+    assert msg["mentions"] == [w.b]
+    wide = await sent(api, chat, f"{w.word}b " + "\ufdfa" * 1000, w.a)
+    assert ids(await search(api, w.a, f"{w.word}b")) == [wide["id"]]
