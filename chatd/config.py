@@ -17,6 +17,17 @@ from urllib.parse import quote, urlsplit
 from dotenv import dotenv_values
 
 
+def _search_language(raw: str | None) -> str:
+    """SEARCH_LANGUAGE's shape (a configuration name such as simple, english
+    or pg_catalog.german); whether PostgreSQL has it is checked at start-up."""
+    if raw is None:
+        return "simple"
+    name = raw.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?", name):
+        raise ConfigError(f"SEARCH_LANGUAGE must name a text search configuration, got {raw!r}")
+    return name
+
+
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names the variable."""
 
@@ -35,6 +46,8 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     max_message_length: int = 4000
+    # The PostgreSQL text search configuration of GET /search (SEARCH_LANGUAGE).
+    search_language: str = "simple"
     rate_limit_sends: tuple[int, float] | None = (30, 10.0)  # None: off
     rate_limit_events: tuple[int, float] | None = (120, 10.0)
     log_level: str = "INFO"
@@ -363,6 +376,7 @@ def load(
         jwt_audience=env.get("JWT_AUDIENCE"),
         jwt_issuer=env.get("JWT_ISSUER"),
         max_message_length=env.int("MAX_MESSAGE_LENGTH", 4000, 1, 60000),
+        search_language=_search_language(env.get("SEARCH_LANGUAGE")),
         rate_limit_sends=rate,
         rate_limit_events=events_rate,
         log_level=level,

@@ -48,6 +48,7 @@ from .events import Events, NullEvents
 from .limits import EVENTS, SENDS, RateLimiter
 from .presence import Gate
 from .storage import Access, Change, Storage
+from .text import DIRECT_ID_RE, direct_chat_id
 
 log = logging.getLogger("chatd.domain")
 
@@ -71,6 +72,14 @@ MAX_CHANGES_PAGE = 500
 DEFAULT_CHANGES_PAGE = 100
 MAX_EMOJI = 20
 MAX_PINS = 50
+# GET /search and GET /mentions pages (API.md).
+DEFAULT_FEED_PAGE = 20
+MAX_FEED_PAGE = 100
+# The longest search query (docs/API-NOTES.md): long enough for any query a
+# person types, short enough that a hostile one costs little to parse.
+MAX_QUERY_LENGTH = 500
+# The first id no message has: "before_id" absent.
+_NO_ID = 9223372036854775807
 
 dumps = orjson.dumps
 # orjson writes the keys in model.MESSAGE_KEYS order with no spaces and escapes
@@ -363,6 +372,13 @@ class ChatService:
         if not await self.cache.appended(chat_id, version, messages[0]["seq"], raws, news.remote):
             await news.publish()
         await news.deliver()
+        for message in messages:
+            await self._mentioned(message)
+
+    async def _mentioned(self, message: dict, users: list[str] | None = None) -> None:
+        """``mention`` to every socket of each user the message mentions."""
+        for user_id in message["mentions"] if users is None else users:
+            await self.events.mentioned(user_id, message)
 
     async def _drain(self, chat_id: str, lane: list[_Queued]) -> None:
         """Commit a lane's queued sends in batches until it is empty."""
@@ -607,11 +623,18 @@ class ChatService:
             raise Forbidden("only the sender may edit a message")
         if facts.deleted:
             raise message_not_found()
+        before = await self.storage.message(facts.id)
         posted = await self._commit(
             facts.chat_id, self.storage.edit_change(facts.chat_id, facts.id, text)
         )
         if posted is None:  # deleted in the meantime
             raise message_not_found()
+        if posted.created:
+            # Only the users the edit newly mentions are told (docs/API-NOTES.md).
+            earlier = set(model.message(before)["mentions"]) if before is not None else set()
+            await self._mentioned(
+                posted.message, [u for u in posted.message["mentions"] if u not in earlier]
+            )
         return posted
 
     async def delete(self, user_id: str, message_id: object) -> None:
@@ -765,6 +788,8 @@ class ChatService:
         body = validate.json_object(body)
         raw_id = body.get("id")
         chat_id = secrets.token_urlsafe(9) if raw_id is None else validate.chat_id(raw_id, "id")
+        if DIRECT_ID_RE.fullmatch(chat_id):
+            raise Conflict(f"chat id {chat_id!r} is reserved for a direct chat")
         title = validate.title(body.get("title"))
         visibility = validate.visibility(body.get("visibility"))
         others = list(
@@ -794,7 +819,8 @@ class ChatService:
             chat["role"] = row[n]
             chat["last_read_seq"] = row[n + 1]
             chat["unread_count"] = row[n + 2]
-            first = n + 3
+            chat["unread_mentions"] = row[n + 3]
+            first = n + 4
             chat["last_message"] = model.message(row[first:]) if row[first] is not None else None
             out.append(chat)
         return out
@@ -805,6 +831,9 @@ class ChatService:
         body = {} if body is None else validate.json_object(body)
         role = validate.role(body.get("role"))
         access = await self.readable(user_id, chat_id)
+        chat_row = await self.storage.chat(chat_id)
+        if chat_row is not None and chat_row[model.N_CHAT - 1] == "direct":
+            raise Conflict("a direct chat's members and roles cannot change")
         if access.role == "owner":
             if target == user_id and role != "owner":
                 await self._keep_an_owner(chat_id)
@@ -841,6 +870,46 @@ class ChatService:
         if await self.storage.remove_member(chat_id, target):
             await self.events.member_removed(chat_id, target)
 
+    # -- search, mentions, direct chats -------------------------------------------
+
+    async def search(self, user_id: str, q: object, chat_id: object = None,
+                     limit: int | None = None, before_id: int | None = None) -> Page:  # fmt: skip
+        """Messages matching ``q`` in the caller's chats (or in ``chat_id``,
+        which the caller must be able to read), newest first."""
+        q = validate.search_query(q, MAX_QUERY_LENGTH)
+        limit = _feed_limit(limit)
+        if chat_id is not None:
+            chat_id = validate.chat_id(chat_id)
+            await self.readable(user_id, chat_id)  # the 404; the query checks again
+        rows = await self.storage.search(
+            user_id, q, chat_id, _NO_ID if before_id is None else before_id, limit + 1
+        )
+        return Page([dumps(model.message(r)) for r in rows[:limit]], len(rows) > limit)
+
+    async def mentions(self, user_id: str, limit: int | None = None,
+                       before_id: int | None = None, unread: bool = False) -> Page:  # fmt: skip
+        limit = _feed_limit(limit)
+        rows = await self.storage.mentions(
+            user_id, _NO_ID if before_id is None else before_id, unread, limit + 1
+        )
+        return Page([dumps(model.message(r)) for r in rows[:limit]], len(rows) > limit)
+
+    async def open_direct(self, user_id: str, other: object) -> tuple[dict, bool]:
+        """The caller's direct chat with ``other`` (created, or the caller
+        brought back into it): (Chat with members, created)."""
+        other = validate.user_id(other)
+        chat_id = direct_chat_id(user_id, other)
+        users = list(dict.fromkeys((user_id, other)))
+        created, joined, chat_row, member_rows = await self.storage.open_direct(
+            chat_id, user_id, users
+        )
+        if chat_row is None or chat_row[model.N_CHAT - 1] != "direct":
+            raise Conflict(f"chat id {chat_id!r} is taken by a group chat")
+        chat = model.chat(chat_row)
+        if joined:
+            await self.events.chat_added(chat, joined)
+        return {**chat, "members": [model.member(r) for r in member_rows]}, created
+
     async def _keep_an_owner(self, chat_id: str) -> None:
         if await self.storage.owner_count(chat_id) <= 1:
             raise Conflict("a chat needs an owner: make someone else owner first")
@@ -872,6 +941,13 @@ class ChatService:
         """Wait for background cache writes (at shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _feed_limit(limit: int | None) -> int:
+    limit = DEFAULT_FEED_PAGE if limit is None else limit
+    if not 1 <= limit <= MAX_FEED_PAGE:
+        raise BadRequest(f"limit must be between 1 and {MAX_FEED_PAGE}")
+    return limit
 
 
 def _window_page(

@@ -111,6 +111,10 @@ class RedisEmitter:
                 "chat-added", {"chat": chat}, room=user_room(user_id), namespace="/"
             )
 
+    async def mentioned(self, user_id: str, message: dict) -> None:
+        payload = {"chat_id": message["chat_id"], "message": message}
+        await self.manager.emit("mention", payload, room=user_room(user_id), namespace="/")
+
     async def member_removed(self, chat_id: str, user_id: str) -> None:
         # Not possible from outside a server: making a user's sockets leave a
         # room needs the process that holds them (their sids). No chatctl

@@ -49,6 +49,10 @@ class Events(Protocol):
         """The users became members of ``chat`` (a Chat object without
         members): ``chat-added`` to each one's sockets, on every process."""
 
+    async def mentioned(self, user_id: str, message: dict) -> None:
+        """``message`` mentions the user: ``mention`` {"chat_id", "message"}
+        to every socket of theirs, joined to the chat or not, on every process."""
+
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None: ...
 
     async def typing(self, chat_id: str, user_id: str) -> None: ...
@@ -88,6 +92,9 @@ class NullEvents:
         pass
 
     async def chat_added(self, chat: dict, user_ids: list[str]) -> None:
+        pass
+
+    async def mentioned(self, user_id: str, message: dict) -> None:
         pass
 
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:

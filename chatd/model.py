@@ -27,6 +27,7 @@ MESSAGE_KEYS = (
     "version",
     "reply_to",
     "reply_count",
+    "mentions",
     "reactions",
     "pinned",
     "deleted",
@@ -36,7 +37,7 @@ _REACTIONS = MESSAGE_KEYS.index("reactions")
 
 
 def message(row: tuple) -> dict[str, Any]:
-    """A message object from the 14 columns of queries.MSG_COLS."""
+    """A message object from the 15 columns of queries.MSG_COLS."""
     out = dict(zip(MESSAGE_KEYS, row[:N_MSG], strict=True))
     reactions = row[_REACTIONS]
     # Text from PostgreSQL; most messages have none, so parse only when needed.
@@ -54,11 +55,11 @@ def member(row: tuple) -> dict[str, Any]:
     }
 
 
-N_CHAT = 7
+N_CHAT = 8
 
 
 def chat(row: tuple, members: list[dict] | None = None) -> dict[str, Any]:
-    chat_id, title, visibility, created_by, created_at, last_seq, version = row[:N_CHAT]
+    chat_id, title, visibility, created_by, created_at, last_seq, version, kind = row[:N_CHAT]
     out: dict[str, Any] = {
         "id": chat_id,
         "title": title,
@@ -67,6 +68,7 @@ def chat(row: tuple, members: list[dict] | None = None) -> dict[str, Any]:
         "created_at": created_at,
         "last_seq": last_seq,
         "version": version,
+        "kind": kind,
     }
     if members is not None:
         out["members"] = members

@@ -28,7 +28,7 @@ SCHEMAS = {
         "type": "object",
         "required": ["id", "chat_id", "seq", "sender_id", "content", "client_id",
                      "created_at", "edited_at", "version", "reply_to", "reply_count",
-                     "reactions", "pinned", "deleted"],
+                     "mentions", "reactions", "pinned", "deleted"],
         "properties": {
             "id": {**_SAFE_INT, "description": "unique across the service"},
             "chat_id": _CHAT_ID,
@@ -44,6 +44,8 @@ SCHEMAS = {
             "reply_to": {**_SAFE_INT, "nullable": True,
                          "description": "the message of the same chat this one answers"},
             "reply_count": {**_SAFE_INT, "description": "non-deleted messages answering it"},
+            "mentions": {"type": "array", "items": {"type": "string"}, "maxItems": 50,
+                         "description": "the members named as @user_id, unique, in order"},
             "reactions": {"type": "array", "items": _ref("Reaction"), "maxItems": 20,
                           "description": "per emoji, in the order each was first added"},
             "pinned": {"type": "boolean"},
@@ -97,15 +99,17 @@ SCHEMAS = {
     "Chat": {
         "type": "object",
         "required": ["id", "title", "visibility", "created_by", "created_at", "last_seq",
-                     "version"],
+                     "version", "kind"],
         "properties": {
             "id": _CHAT_ID,
-            "title": {"type": "string", "minLength": 1, "maxLength": 200},
+            "title": {"type": "string", "maxLength": 200,
+                      "description": "1-200 characters; \"\" for a direct chat"},
             "visibility": {"type": "string", "enum": ["private", "public"]},
             "created_by": {"type": "string"},
             "created_at": _TS,
             "last_seq": _SAFE_INT,
             "version": {**_SAFE_INT, "description": "the latest version of its messages"},
+            "kind": {"type": "string", "enum": ["group", "direct"]},
             "members": {"type": "array", "items": _ref("Member")},
         },
     },
@@ -114,11 +118,14 @@ SCHEMAS = {
             _ref("Chat"),
             {
                 "type": "object",
-                "required": ["role", "last_read_seq", "unread_count", "last_message"],
+                "required": ["role", "last_read_seq", "unread_count", "unread_mentions",
+                             "last_message"],
                 "properties": {
                     "role": {"type": "string", "enum": ["owner", "admin", "member"]},
                     "last_read_seq": _SAFE_INT,
                     "unread_count": _SAFE_INT,
+                    "unread_mentions": {**_SAFE_INT, "description": "messages above the read "
+                                        "marker that mention the caller"},
                     "last_message": {"$ref": "#/components/schemas/NullableMessage"},
                 },
             },
@@ -252,6 +259,10 @@ _LIMIT_PAGE = _query("limit", {"type": "integer", "minimum": 1, "maximum": 200, 
                      "page size")  # fmt: skip
 
 
+_LIMIT_FEED = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                     "page size")  # fmt: skip
+
+
 def document() -> dict:
     paths = {
         "/chats": {
@@ -344,6 +355,36 @@ def document() -> dict:
             "delete": _op("Take the caller's reaction off",
                           {"200": _json("Message", "without it")}, (400, 403, 404, 503),
                           params=[_MSG, _EMOJI]),
+        },
+        "/search": {
+            "get": _op(
+                "Full-text search in the caller's chats, newest first",
+                {"200": _json("MessagePage", "newest first")}, (400, 404, 503),
+                params=[_query("q", {"type": "string", "minLength": 1, "maxLength": 500},
+                               "web-search syntax: words, \"a phrase\", -word, or",
+                               required=True),
+                        _query("chat_id", _CHAT_ID, "only this chat (readable by the caller)"),
+                        _LIMIT_FEED,
+                        _query("before_id", _SAFE_INT, "results with a smaller id")],
+            ),
+        },
+        "/mentions": {
+            "get": _op(
+                "The messages that mention the caller, newest first",
+                {"200": _json("MessagePage", "newest first")}, (400, 503),
+                params=[_LIMIT_FEED,
+                        _query("before_id", _SAFE_INT, "results with a smaller id"),
+                        _query("unread", {"type": "boolean", "default": False},
+                               "only those above the read marker")],
+            ),
+        },
+        "/direct/{user_id}": {
+            "put": _op(
+                "The caller's direct chat with that user",
+                {"201": _json("Chat", "created, with members"),
+                 "200": _json("Chat", "it exists (the caller is a member again)")},
+                (400, 409, 503), params=[_USER],
+            ),
         },
         "/healthz": {
             "get": _op("The process is alive", {"200": _json("Ok", "alive")}, (), public=True),

@@ -15,21 +15,42 @@ def _ts(col: str) -> str:
     return f"""to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 
 
-# The 14 columns of a message, in model.MESSAGE_KEYS order (N_MSG). The
+# The 15 columns of a message, in model.MESSAGE_KEYS order (N_MSG). The
 # reactions aggregate comes as its JSON text (model parses it only when it is
 # not empty); pinned is whether pinned_at is set.
 MSG_COLS = (
     "m.id, m.chat_id, m.seq, m.sender_id, m.content, m.client_id, "
     f"{_ts('m.created_at')}, {_ts('m.edited_at')}, m.version, m.reply_to, m.reply_count, "
-    "m.reactions::text, m.pinned_at IS NOT NULL, m.deleted"
+    "m.mentions, m.reactions::text, m.pinned_at IS NOT NULL, m.deleted"
 )
-N_MSG = 14
-# The 7 columns of a chat (model.chat), version last.
+N_MSG = 15
+# The 8 columns of a chat (model.chat), kind last.
 CHAT_COLS = (
-    f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq, c.version"
+    f"c.id, c.title, c.visibility, c.created_by, {_ts('c.created_at')}, c.last_seq, c.version, "
+    "c.kind"
 )
-N_CHAT = 7
+N_CHAT = 8
 MEMBER_COLS = f"cm.user_id, cm.role, {_ts('cm.joined_at')}, cm.last_read_seq"
+
+
+def _mentions(cands: str, chat: str, sender: str) -> str:
+    """The mentions of a message being written (API.md "mentions"): of the
+    candidates chatd parsed from its content (chatd.text, unique and in
+    order, as JSON), those that are members of the chat, at most 50. The
+    sender counts as a member (a poster on a public chat joins in the same
+    statement, which its own snapshot does not show yet). Read under the
+    chat's row lock, which the writing statement holds."""
+    return f"""ARRAY(
+        SELECT x.u FROM json_array_elements_text({cands}::json) WITH ORDINALITY AS x(u, o)
+         WHERE x.u = {sender}
+            OR EXISTS (SELECT 1 FROM chat_members mc WHERE mc.chat_id = {chat} AND mc.user_id = x.u)
+         ORDER BY x.o LIMIT 50)"""
+
+
+# The searchable text of a message: chatd folds it (chatd.text.fold) and
+# names the text search configuration (SEARCH_LANGUAGE).
+def _search(folded: str) -> str:
+    return f"to_tsvector(%(ts_config)s::regconfig, {folded})"
 
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -98,8 +119,11 @@ class SQL:
             ON CONFLICT DO NOTHING
             RETURNING user_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
-            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s, version FROM c
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version,
+                                  search, mentions)
+            SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s, version,
+                   {_search("%(folded)s")}, {_mentions("%(cands)s", "c.id", "%(user_id)s")}
+              FROM c
             RETURNING *
         )
         SELECT {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j)
@@ -115,9 +139,10 @@ class SQL:
     # still hits messages_client_id, and the caller then sends one by one.
     SEND_BATCH = f"""
         WITH input AS (
-            SELECT t.sender_id, t.content, t.client_id, t.ord
-              FROM unnest(%(senders)s::text[], %(contents)s::text[], %(client_ids)s::text[])
-                   WITH ORDINALITY AS t(sender_id, content, client_id, ord)
+            SELECT t.sender_id, t.content, t.client_id, t.folded, t.cands, t.ord
+              FROM unnest(%(senders)s::text[], %(contents)s::text[], %(client_ids)s::text[],
+                          %(foldeds)s::text[], %(cands)s::text[])
+                   WITH ORDINALITY AS t(sender_id, content, client_id, folded, cands, ord)
         ), chat AS (
             SELECT id, visibility FROM chats WHERE id = %(chat_id)s
         ), ok AS (
@@ -142,10 +167,12 @@ class SQL:
             ON CONFLICT DO NOTHING
             RETURNING user_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version,
+                                  search, mentions)
             SELECT %(chat_id)s, bump.last_seq - (SELECT count(*) FROM ok) + ok.n,
                    ok.sender_id, ok.content, ok.client_id,
-                   bump.version - (SELECT count(*) FROM ok) + ok.n
+                   bump.version - (SELECT count(*) FROM ok) + ok.n,
+                   {_search("ok.folded")}, {_mentions("ok.cands", "%(chat_id)s", "ok.sender_id")}
               FROM ok, bump
             RETURNING *
         )
@@ -165,8 +192,8 @@ class SQL:
         WITH input AS (
             SELECT t.*
               FROM unnest(%(chat_ids)s::text[], %(senders)s::text[], %(contents)s::text[],
-                          %(client_ids)s::text[])
-                   WITH ORDINALITY AS t(chat_id, sender_id, content, client_id, ord)
+                          %(client_ids)s::text[], %(foldeds)s::text[], %(cands)s::text[])
+                   WITH ORDINALITY AS t(chat_id, sender_id, content, client_id, folded, cands, ord)
         ), locked AS (
             SELECT c.id FROM chats c WHERE c.id IN (SELECT chat_id FROM input)
              ORDER BY c.id FOR UPDATE
@@ -179,15 +206,18 @@ class SQL:
                     OR EXISTS (SELECT 1 FROM chat_members
                                 WHERE chat_id = l.id AND user_id = i.sender_id))
          RETURNING chats.id, chats.last_seq, chats.version, chats.visibility,
-                   i.sender_id, i.content, i.client_id, i.ord
+                   i.sender_id, i.content, i.client_id, i.folded, i.cands, i.ord
         ), j AS (
             INSERT INTO chat_members (chat_id, user_id)
             SELECT id, sender_id FROM c WHERE visibility = 'public'
             ON CONFLICT DO NOTHING
             RETURNING chat_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version)
-            SELECT id, last_seq, sender_id, content, client_id, version FROM c
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version,
+                                  search, mentions)
+            SELECT id, last_seq, sender_id, content, client_id, version,
+                   {_search("c.folded")}, {_mentions("c.cands", "c.id", "c.sender_id")}
+              FROM c
             RETURNING *
         )
         SELECT c.ord, {MSG_COLS}, c.version, EXISTS (SELECT 1 FROM j WHERE j.chat_id = c.id)
@@ -276,6 +306,7 @@ class SQL:
         ), m AS (
             UPDATE messages m
                SET deleted = true, content = NULL, reactions = '[]', pinned_at = NULL,
+                   search = NULL, mentions = '{{}}',
                    version = v.version - (v.reply_to IS NOT NULL)::int
               FROM v WHERE m.id = %(id)s
          RETURNING m.*
@@ -302,7 +333,10 @@ class SQL:
         ), h AS (
             INSERT INTO message_edits (message_id, content, at) SELECT id, content, at FROM t
         ), m AS (
-            UPDATE messages m SET content = %(content)s, edited_at = now(), version = v.version
+            UPDATE messages m
+               SET content = %(content)s, edited_at = now(), version = v.version,
+                   search = {_search("%(folded)s")},
+                   mentions = {_mentions("%(cands)s", "m.chat_id", "m.sender_id")}
               FROM v WHERE m.id = %(id)s
          RETURNING m.*
         )
@@ -455,9 +489,11 @@ class SQL:
             ON CONFLICT DO NOTHING
             RETURNING user_id
         ), m AS (
-            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version, reply_to)
+            INSERT INTO messages (chat_id, seq, sender_id, content, client_id, version, reply_to,
+                                  search, mentions)
             SELECT id, last_seq, %(user_id)s, %(content)s, %(client_id)s, version - 1,
-                   %(reply_to)s
+                   %(reply_to)s,
+                   {_search("%(folded)s")}, {_mentions("%(cands)s", "c.id", "%(user_id)s")}
               FROM c
             RETURNING *
         ), p AS (
@@ -468,7 +504,7 @@ class SQL:
         SELECT 'm', {MSG_COLS}, EXISTS (SELECT 1 FROM j) FROM m
         UNION ALL SELECT 'p', {MSG_COLS}, false FROM p AS m
         UNION ALL SELECT 'noparent', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                         NULL, NULL, NULL, NULL, NULL, false
+                         NULL, NULL, NULL, NULL, NULL, NULL, false
          WHERE NOT EXISTS (SELECT 1 FROM parent)
            AND EXISTS (SELECT 1 FROM chats x
                         WHERE x.id = %(chat_id)s
@@ -537,6 +573,9 @@ class SQL:
                (SELECT count(*) FROM messages u
                  WHERE u.chat_id = c.id AND u.seq > cm.last_read_seq
                    AND u.sender_id <> cm.user_id AND NOT u.deleted) AS unread,
+               (SELECT count(*) FROM mentions mn
+                 WHERE mn.user_id = cm.user_id AND mn.chat_id = c.id
+                   AND mn.seq > cm.last_read_seq) AS unread_mentions,
                {MSG_COLS}
           FROM chat_members cm
           JOIN chats c ON c.id = cm.chat_id
@@ -545,6 +584,76 @@ class SQL:
                WHERE chat_id = c.id AND NOT deleted ORDER BY seq DESC LIMIT 1) m ON true
          WHERE cm.user_id = %(user_id)s
          ORDER BY coalesce(m.created_at, c.created_at) DESC, c.id"""
+
+    # -- search, mentions, direct chats (version 2) ---------------------------
+    #
+    # Search: the GIN index on messages.search finds the matches; the scope
+    # (the caller's chats, or one chat the caller may read) is part of the
+    # same statement, so a message of a chat the caller cannot read is never
+    # even a candidate. A tombstone's search is NULL: it never matches. The
+    # query text arrives folded by chatd (chatd.text.fold), like the content.
+    # Keyset paging on id, newest first; limit is the page size + 1.
+    # SEARCH_MINE also gets the caller's chat ids as a constant array (read
+    # just before, MY_CHATS): the planner then makes one GIN bitmap AND one
+    # bitmap of those chats' rows, rather than one GIN scan per chat
+    # (2-4x faster for rare words and phrases over 50 chats, see
+    # docs/PERFORMANCE.md). Membership is still checked in the statement
+    # itself, so a chat left in between is not searched.
+    MY_CHATS = "SELECT cm.chat_id FROM chat_members cm WHERE cm.user_id = %(user_id)s"
+    # A query with no word that must be present (only exclusions, only
+    # stop-words, only operators) has no index condition (querytree 'T')
+    # and matches nothing, rather than every message the caller can read.
+    _QUERY = """
+        SELECT t.q, querytree(t.q) <> 'T' AS indexable
+          FROM websearch_to_tsquery(%(ts_config)s::regconfig, %(q)s) AS t(q)"""
+    SEARCH_MINE = f"""
+        WITH q AS ({_QUERY})
+        SELECT {MSG_COLS} FROM messages m, q
+         WHERE m.search @@ q.q AND q.indexable
+           AND m.chat_id = ANY (%(chats)s::text[])
+           AND m.chat_id IN (SELECT cm.chat_id FROM chat_members cm
+                              WHERE cm.user_id = %(user_id)s)
+           AND m.id < %(before)s
+         ORDER BY m.id DESC LIMIT %(limit)s"""
+    SEARCH_CHAT = f"""
+        WITH q AS ({_QUERY})
+        SELECT {MSG_COLS} FROM messages m, q
+         WHERE m.search @@ q.q AND q.indexable
+           AND m.chat_id = %(chat_id)s
+           AND EXISTS (SELECT 1 FROM chats c
+                        WHERE c.id = %(chat_id)s
+                          AND (c.visibility = 'public'
+                               OR EXISTS (SELECT 1 FROM chat_members cm
+                                           WHERE cm.chat_id = c.id
+                                             AND cm.user_id = %(user_id)s)))
+           AND m.id < %(before)s
+         ORDER BY m.id DESC LIMIT %(limit)s"""
+
+    # The mention feed: a range read on the mentions primary key (user,
+    # message id), newest first, joined to the caller's membership (chats
+    # they left drop out) and, with unread, to their read marker.
+    MENTIONS = f"""
+        SELECT {MSG_COLS} FROM mentions mn
+          JOIN chat_members cm ON cm.chat_id = mn.chat_id AND cm.user_id = mn.user_id
+          JOIN messages m ON m.id = mn.message_id
+         WHERE mn.user_id = %(user_id)s AND mn.message_id < %(before)s
+           AND (NOT %(unread)s OR mn.seq > cm.last_read_seq)
+           AND NOT m.deleted
+         ORDER BY mn.message_id DESC LIMIT %(limit)s"""
+
+    # A direct chat: its id is derived from the pair (chatd.text), so the
+    # primary key makes concurrent opens from both sides one chat; the loser
+    # waits for the winner's commit and inserts nothing.
+    DIRECT_CREATE = """
+        INSERT INTO chats (id, title, visibility, created_by, kind)
+        VALUES (%(chat_id)s, '', 'private', %(user_id)s, 'direct')
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id"""
+    DIRECT_MEMBERS = """
+        INSERT INTO chat_members (chat_id, user_id)
+        SELECT %(chat_id)s, u FROM unnest(%(users)s::text[]) AS u
+        ON CONFLICT DO NOTHING
+        RETURNING user_id"""
 
     UPSERT_MEMBER = f"""
         INSERT INTO chat_members AS cm (chat_id, user_id, role)

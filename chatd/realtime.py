@@ -989,6 +989,10 @@ class SocketEvents:
         for user_id in user_ids:
             await self.sio.emit("chat-added", {"chat": chat}, room=user_room(user_id))
 
+    async def mentioned(self, user_id: str, message: dict) -> None:
+        payload = {"chat_id": message["chat_id"], "message": message}
+        await self.sio.emit("mention", payload, room=user_room(user_id))
+
     async def read_moved(self, chat_id: str, user_id: str, seq: int) -> None:
         payload = {"chat_id": chat_id, "user_id": user_id, "seq": seq}
         await self.sio.emit("read", payload, room=chat_room(chat_id))

@@ -171,6 +171,11 @@ class Chatd:
                 "no database configured: set DATABASE_URL (or DB_HOST, DB_NAME, DB_USER, ...)"
             )
         self.storage = await Storage.connect(s.database_url, s.db_pool_size, s.db_timeout)
+        self.storage.search_config = s.search_language
+        try:
+            await self.storage.check_search_config(s.search_language)
+        except ValueError as exc:
+            raise config.ConfigError(str(exc)) from None
         if s.redis_url:
             self.redis = cache.connect(s.redis_url, s.redis_timeout)
         else:

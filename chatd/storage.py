@@ -23,6 +23,7 @@ import psycopg2.errors
 from .coalesce import Coalescer
 from .errors import Conflict, Unavailable
 from .queries import N_MSG, SQL, Q, Stmt
+from .text import candidates_json, fold
 
 log = logging.getLogger("chatd.storage")
 
@@ -142,6 +143,9 @@ class _Sends(Coalescer):
             "senders": [calls[i][1] for i in together],
             "contents": [calls[i][2] for i in together],
             "client_ids": [calls[i][3] for i in together],
+            "foldeds": [fold(calls[i][2]) for i in together],
+            "cands": [candidates_json(calls[i][2]) for i in together],
+            "ts_config": self._storage.search_config,
         }
         try:
             rows = await self._storage._all(Q.SEND_MANY, params)
@@ -170,6 +174,10 @@ class _Sends(Coalescer):
 
 
 class Storage:
+    # The text search configuration messages are indexed and searched with
+    # (SEARCH_LANGUAGE, checked at start-up by check_search_config).
+    search_config = "simple"
+
     def __init__(self, pool: aiopg.Pool, timeout: float):
         self._pool = pool
         self.timeout = timeout
@@ -270,6 +278,64 @@ class Storage:
         in the same loop iteration go to PostgreSQL as one statement."""
         return await self.access_checks.run((chat_id, user_id))
 
+    def _text(self, content: str) -> dict:
+        """What a statement that writes ``content`` derives from it: the
+        folded text to index and the @mention candidates (chatd.text)."""
+        return {"folded": fold(content), "cands": candidates_json(content),
+                "ts_config": self.search_config}  # fmt: skip
+
+    async def check_search_config(self, name: str) -> None:
+        """ValueError unless ``name`` is a text search configuration of this
+        PostgreSQL (SEARCH_LANGUAGE, checked at start-up)."""
+        row = await self._one(
+            "SELECT count(*) FROM pg_ts_config"
+            " WHERE cfgname = %(name)s OR oid::regconfig::text = %(name)s",
+            {"name": name},
+        )
+        if not row or not row[0]:
+            raise ValueError(
+                f"SEARCH_LANGUAGE {name!r} is not a text search configuration of this PostgreSQL"
+            )
+
+    async def search(self, user_id: str, q: str, chat_id: str | None, before: int,
+                     limit: int) -> list[tuple]:  # fmt: skip
+        params = {"user_id": user_id, "q": fold(q), "chat_id": chat_id, "before": before,
+                  "limit": limit, "ts_config": self.search_config}  # fmt: skip
+        if chat_id is not None:
+            return await self._all(SQL.SEARCH_CHAT, params)
+        params["chats"] = [r[0] for r in await self._all(SQL.MY_CHATS, params)]
+        if not params["chats"]:
+            return []
+        return await self._all(SQL.SEARCH_MINE, params)
+
+    async def mentions(self, user_id: str, before: int, unread: bool, limit: int) -> list[tuple]:
+        return await self._all(
+            SQL.MENTIONS, {"user_id": user_id, "before": before, "unread": unread, "limit": limit}
+        )
+
+    async def open_direct(self, chat_id: str, user_id: str, users: list[str]
+                          ) -> tuple[bool, list[str], tuple | None, list[tuple]]:  # fmt: skip
+        """Create the direct chat ``chat_id`` of ``users`` or, when it exists,
+        bring the caller back into it, in one transaction: (created, users
+        who became members, chat row, member rows)."""
+        async with self._cursor() as cur, cur.begin():
+            await cur.execute(SQL.DIRECT_CREATE, {"chat_id": chat_id, "user_id": user_id})
+            created = await cur.fetchone() is not None
+            await cur.execute(SQL.CHAT, {"chat_id": chat_id})
+            chat = await cur.fetchone()
+            joined: list[str] = []
+            if chat is not None and chat[7] == "direct":
+                await cur.execute(
+                    SQL.DIRECT_MEMBERS,
+                    {"chat_id": chat_id, "users": users if created else [user_id]},
+                )
+                joined = [r[0] for r in await cur.fetchall()]
+                await cur.execute(SQL.CHAT, {"chat_id": chat_id})
+                chat = await cur.fetchone()
+            await cur.execute(SQL.MEMBERS, {"chat_id": chat_id})
+            members = await cur.fetchall()
+        return created, joined, chat, members
+
     async def send(
         self, chat_id: str, user_id: str, content: str, client_id: str | None
     ) -> Sent | None:
@@ -283,7 +349,7 @@ class Storage:
     ) -> Sent | None:
         """:meth:`send`, on its own statement."""
         params = {"chat_id": chat_id, "user_id": user_id, "content": content,
-                  "client_id": client_id}  # fmt: skip
+                  "client_id": client_id, **self._text(content)}  # fmt: skip
         try:
             row = await self._one(Q.SEND, params)
         except psycopg2.errors.UniqueViolation:
@@ -313,6 +379,9 @@ class Storage:
             "senders": [i[0] for i in items],
             "contents": [i[1] for i in items],
             "client_ids": [i[2] for i in items],
+            "foldeds": [fold(i[1]) for i in items],
+            "cands": [candidates_json(i[1]) for i in items],
+            "ts_config": self.search_config,
         }
         try:
             rows = await self._all(Q.SEND_BATCH, params)
@@ -394,9 +463,9 @@ class Storage:
     def delete_change(chat_id: str, message_id: int) -> Change:
         return Change(Q.DELETE, {"chat_id": chat_id, "id": message_id})
 
-    @staticmethod
-    def edit_change(chat_id: str, message_id: int, content: str) -> Change:
-        return Change(Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content})
+    def edit_change(self, chat_id: str, message_id: int, content: str) -> Change:
+        return Change(Q.EDIT, {"chat_id": chat_id, "id": message_id, "content": content,
+                               **self._text(content)})  # fmt: skip
 
     @staticmethod
     def react_change(chat_id: str, message_id: int, user_id: str, emoji: str,
@@ -456,7 +525,8 @@ class Storage:
         client_id: (Sent of the original, None); "noparent" when reply_to is
         not a live message of the chat; None when the sender may not post."""
         params = {"chat_id": chat_id, "user_id": user_id, "content": content,
-                  "client_id": client_id, "reply_to": reply_to}  # fmt: skip
+                  "client_id": client_id, "reply_to": reply_to,
+                  **self._text(content)}  # fmt: skip
         try:
             rows = await self._change(Q.SEND_REPLY, params)
         except psycopg2.errors.UniqueViolation:

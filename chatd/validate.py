@@ -69,6 +69,17 @@ def content(value: object, max_length: int) -> str:
     return text
 
 
+def search_query(value: object, max_length: int) -> str:
+    """GET /search's q: a non-blank string of at most ``max_length`` characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("q must not be empty")
+    if not _unicode(value) or "\x00" in value:
+        raise BadRequest("q must be valid Unicode without NUL characters")
+    if len(value) > max_length:
+        raise BadRequest(f"q must be at most {max_length} characters")
+    return value.strip()
+
+
 def client_id(value: object) -> str | None:
     if value is None:
         return None

@@ -490,6 +490,41 @@ class PinsHandler(BaseHandler):
         self.send_json(b'{"messages":[' + b",".join(page.rows) + b"]}")
 
 
+class SearchHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self) -> None:
+        page = await self.domain.search(
+            self.user_id,
+            self.query("q"),
+            self.query("chat_id"),
+            limit=validate.query_int(self.query("limit"), "limit"),
+            before_id=validate.query_int(self.query("before_id"), "before_id", 1),
+        )
+        self.send_json(page.json())
+
+
+class MentionsHandler(BaseHandler):
+    METHODS = ("GET",)
+
+    async def get(self) -> None:
+        page = await self.domain.mentions(
+            self.user_id,
+            limit=validate.query_int(self.query("limit"), "limit"),
+            before_id=validate.query_int(self.query("before_id"), "before_id", 1),
+            unread=validate.query_bool(self.query("unread"), "unread"),
+        )
+        self.send_json(page.json())
+
+
+class DirectHandler(BaseHandler):
+    METHODS = ("PUT",)
+
+    async def put(self, user_id: str) -> None:
+        chat, created = await self.domain.open_direct(self.user_id, user_id)
+        self.send_json(chat, 201 if created else 200)
+
+
 class HealthHandler(BaseHandler):
     """The process answers: for a liveness probe (no store is asked)."""
 
@@ -561,6 +596,9 @@ ROUTE_TABLE = [
     (rf"/messages/{_SEG}/replies/?", RepliesHandler, "/messages/{id}/replies"),
     (rf"/messages/{_SEG}/history/?", EditHistoryHandler, "/messages/{id}/history"),
     (rf"/messages/{_SEG}/reactions/{_SEG}/?", ReactionHandler, "/messages/{id}/reactions/{emoji}"),
+    (r"/search/?", SearchHandler, "/search"),
+    (r"/mentions/?", MentionsHandler, "/mentions"),
+    (rf"/direct/{_SEG}/?", DirectHandler, "/direct/{user_id}"),
     (r"/healthz", HealthHandler, "/healthz"),
     (r"/readyz", ReadyHandler, "/readyz"),
     (r"/metrics", MetricsHandler, "/metrics"),

@@ -140,6 +140,7 @@ class Ctx:
             dsn = self.database_url()
             # A CLI needs a handful of connections, not the server's pool size.
             self._storage = self.run(Storage.connect(dsn, min(4, s.db_pool_size), s.db_timeout))
+            self._storage.search_config = s.search_language
             self._close_later(self._storage.close)
         return self._storage
 

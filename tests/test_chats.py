@@ -20,7 +20,8 @@ async def test_create_chat_answers_201_with_defaults_and_the_creator_as_owner(ap
     assert resp.status == 201
     chat = resp.json
     assert list(chat) == [
-        "id", "title", "visibility", "created_by", "created_at", "last_seq", "version", "members"
+        "id", "title", "visibility", "created_by", "created_at", "last_seq", "version", "kind",
+        "members",
     ]  # fmt: skip
     assert chat["id"] == chat_id
     assert chat["title"] == "General"

@@ -24,13 +24,16 @@ def test_migrate_applies_pending_files_then_has_nothing_to_do(chatctl, empty_dat
         "001_schema.sql",
         "pending",
         "002_conversations.sql",
+        "pending",
+        "003_search.sql",
     ]
 
     first = chatctl("migrate", DATABASE_URL=empty_database_url)
     assert first.exit_code == 0, first.output
     assert "applying 001_schema.sql" in first.stdout
     assert "applying 002_conversations.sql" in first.stdout
-    assert "applied 2 migration(s)" in first.stdout
+    assert "applying 003_search.sql" in first.stdout
+    assert "applied 3 migration(s)" in first.stdout
     assert query(empty_database_url, "SELECT to_regclass('chats') IS NOT NULL") == [(True,)]
 
     again = chatctl("migrate", DATABASE_URL=empty_database_url)
@@ -80,6 +83,7 @@ def test_two_admins_migrating_at_once_both_succeed_and_each_file_applies_once(
     assert query(empty_database_url, "SELECT version FROM schema_migrations ORDER BY version") == [
         ("001_schema.sql",),
         ("002_conversations.sql",),
+        ("003_search.sql",),
     ]
 
 

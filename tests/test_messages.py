@@ -26,6 +26,7 @@ MESSAGE_KEYS = [
     "version",
     "reply_to",
     "reply_count",
+    "mentions",
     "reactions",
     "pinned",
     "deleted",

@@ -178,7 +178,8 @@ def test_upgrading_a_populated_v1_database_gives_every_message_a_version(
                ('a', 3, 'alice', 'three', false, NULL),
                ('b', 1, 'carol', 'x', false, NULL), ('b', 2, 'carol', 'y', false, NULL)""",
     )
-    assert migrations.migrate(empty_database_url) == ["002_conversations.sql"]
+    shutil.copy(ROOT / "sql" / "002_conversations.sql", v1)
+    assert migrations.migrate(empty_database_url, v1) == ["002_conversations.sql"]
     rows = pg(empty_database_url, "SELECT chat_id, seq, version FROM messages ORDER BY 1, 2")
     # Above each chat's old version, in seq order.
     assert rows == [("a", 1, 6), ("a", 2, 7), ("a", 3, 8), ("b", 1, 2), ("b", 2, 3)]
@@ -199,3 +200,51 @@ def test_upgrading_a_populated_v1_database_gives_every_message_a_version(
     # One change, one version: the index refuses two messages of a chat at one.
     with pytest.raises(psycopg2.errors.UniqueViolation):
         pg(empty_database_url, "UPDATE messages SET version = 6 WHERE chat_id = 'a' AND seq = 3")
+
+
+# -- the upgrade to search, mentions and direct chats (sql/003_search.sql) ----
+
+
+def test_upgrading_a_populated_v2_database_indexes_its_messages_for_search(
+    empty_database_url, tmp_path
+):
+    """A version 2 database with messages (accented, deleted, edited): after
+    003, the live ones are found by search with accents and case folded, the
+    tombstone is not, every chat is a group chat with no mentions yet, every
+    chat's version moved (pages cached without "mentions" are never served),
+    and the feed trigger keeps mentions from then on."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    for name in ("001_schema.sql", "002_conversations.sql"):
+        shutil.copy(ROOT / "sql" / name, v2)
+    assert migrations.migrate(empty_database_url, v2) == [
+        "001_schema.sql",
+        "002_conversations.sql",
+    ]
+    pg(
+        empty_database_url,
+        """INSERT INTO chats (id, title, created_by) VALUES ('a', 'A', 'alice');
+           INSERT INTO chat_members (chat_id, user_id, role)
+                VALUES ('a', 'alice', 'owner'), ('a', 'bob', 'member');
+           INSERT INTO messages (chat_id, seq, sender_id, content, deleted) VALUES
+               ('a', 1, 'alice', 'Crème BRÛLÉE tonight', false),
+               ('a', 2, 'bob', NULL, true),
+               ('a', 3, 'alice', 'plain words', false);
+           UPDATE chats SET last_seq = 3 WHERE id = 'a';""",
+    )
+    before = pg(empty_database_url, "SELECT version FROM chats WHERE id = 'a'")[0][0]
+    assert migrations.migrate(empty_database_url) == ["003_search.sql"]
+    assert pg(empty_database_url, "SELECT version FROM chats WHERE id = 'a'") == [(before + 1,)]
+    assert pg(empty_database_url, "SELECT DISTINCT kind FROM chats") == [("group",)]
+    found = pg(
+        empty_database_url,
+        "SELECT seq FROM messages WHERE search @@ websearch_to_tsquery('simple', 'creme brulee')",
+    )
+    assert found == [(1,)]
+    assert pg(empty_database_url, "SELECT seq FROM messages WHERE search IS NULL") == [(2,)]
+    assert pg(empty_database_url, "SELECT DISTINCT mentions FROM messages") == [([],)]
+    # The trigger keeps the feed from the mentions column, whoever writes it.
+    pg(empty_database_url, "UPDATE messages SET mentions = '{bob}' WHERE seq = 3")
+    assert pg(empty_database_url, "SELECT user_id, seq FROM mentions") == [("bob", 3)]
+    pg(empty_database_url, "UPDATE messages SET mentions = '{}' WHERE seq = 3")
+    assert pg(empty_database_url, "SELECT count(*) FROM mentions") == [(0,)]

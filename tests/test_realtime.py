@@ -14,7 +14,7 @@ from .helpers import SocketClient
 MESSAGE_KEYS = [
     "id", "chat_id", "seq", "sender_id", "content", "client_id", "created_at", "edited_at",
     # API.md version 2 adds these (additions only; "deleted" stays last).
-    "version", "reply_to", "reply_count", "reactions", "pinned",
+    "version", "reply_to", "reply_count", "mentions", "reactions", "pinned",
     "deleted",
 ]  # fmt: skip
 
