@@ -57,6 +57,10 @@ def pytest_configure(config):
     _EMBEDDED.start()
     PG_ADMIN_URL = PG_ADMIN_URL or _EMBEDDED.admin_url()
     REDIS_URL = REDIS_URL or _EMBEDDED.redis_url
+    # pytest-xdist's workers start after this (in the controller) and inherit
+    # the environment: they use these servers instead of starting their own.
+    os.environ["CHATD_TEST_PG_URL"] = PG_ADMIN_URL
+    os.environ["CHATD_TEST_REDIS_URL"] = REDIS_URL
 
 
 def pytest_unconfigure(config):
