@@ -618,6 +618,7 @@ directory (CHATD_ENV_FILE names another); .env.example lists them all:
   DATABASE_URL or DB_*        PostgreSQL; REDIS_URL or REDIS_*: Redis
   ACCESS_TOKEN_SECRET         the HS256 secret tokens are signed with
   LOG_LEVEL, LOG_FORMAT       debug|info|warning|error, text|json
+  CHATD_CONSOLE               the web console at / (on|off, default on)
 
 With no database configured chatd runs its own PostgreSQL and Redis (the
 embedded default), with their data, and a generated token secret, in

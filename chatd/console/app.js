@@ -42,6 +42,14 @@ function failed(err) {
   toast(err instanceof ApiError ? err.message : String(err && err.message ? err.message : err));
 }
 
+// A client_id makes a send idempotent (a retry after a drop is not a second
+// message). crypto.randomUUID needs a secure context; a team's chatd on plain
+// http://host:8080 is not one, getRandomValues works everywhere.
+function clientId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return `console-${[...bytes].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
 function setConn(stateName, text) {
   const node = $("conn");
   node.dataset.state = stateName;
@@ -632,7 +640,7 @@ async function send(text) {
     if (mode && mode.kind === "edit") {
       apply(view, await api.patch(`/messages/${mode.message.id}`, { content }));
     } else {
-      const body = { chat_id: view.id, content, client_id: `console-${crypto.randomUUID()}` };
+      const body = { chat_id: view.id, content, client_id: clientId() };
       if (mode && mode.kind === "reply") body.reply_to = mode.message.id;
       const ack = await emit("send-message", body).catch((err) => {
         if (err.code !== "offline" && err.code !== "timeout") throw err;
@@ -777,7 +785,7 @@ function panelRows(messages, { withChat = false, onpick } = {}) {
     const node = renderMessage(state.open, m, { inPanel: true });
     if (withChat) {
       const chat = state.chats.get(m.chat_id);
-      node.prepend(h("div", { class: "in-chat" }, "in ", h("bdi", {}, chat ? chatName(chat) : m.chat_id)));
+      node.prepend(h("div", { class: "from-chat" }, "in ", h("bdi", {}, chat ? chatName(chat) : m.chat_id)));
     }
     if (onpick) {
       node.classList.add("pick");
@@ -983,7 +991,7 @@ function wireUi() {
     try {
       const ack = await emit("send-message", {
         chat_id: state.open.id, content, reply_to: panel.message.id,
-        client_id: `console-${crypto.randomUUID()}`,
+        client_id: clientId(),
       });
       threadBox.value = "";
       apply(state.open, ack.message);
