@@ -5,8 +5,10 @@ the run's real PostgreSQL and Redis.
 
 Every page's browser console is recorded: an error logged there, or an
 uncaught exception, fails the test. When a test fails, a screenshot of each
-of its pages is kept in a folder under pytest's temporary directory, printed
-in the output (``console artefacts: ...``).
+of its pages is kept in a folder under pytest's temporary directory
+(``.../console-artefacts0/``), printed in the output (``console artefacts: ...``),
+as is the README's screenshot (docs/console.png; ``CHATD_UPDATE_SCREENSHOT=1``
+copies it there).
 
 The tests of search, mentions and direct chats (API.md version 2, issue 14)
 run only when the chatd under test has those routes (the ``has_route``
@@ -17,9 +19,9 @@ quietly, which test_v2_features_absent_are_hidden_quietly checks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -66,10 +68,9 @@ def rest(method: str, url: str, body=None, user: str = "alice", status: int = 20
 
 
 @pytest.fixture(scope="session")
-def artefacts():
-    folder = Path(tempfile.gettempdir()) / f"chatd-console-artefacts-{int(time.time())}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def artefacts(tmp_path_factory) -> Path:
+    """Screenshots: of every page of a failing test, and the README's."""
+    return tmp_path_factory.mktemp("console-artefacts")
 
 
 @pytest.fixture(scope="session")
@@ -283,7 +284,7 @@ def test_sign_in_as_name_on_the_embedded_default_only(embedded_chatd, pages):
 # -- two people chatting --------------------------------------------------------------
 
 
-def test_two_users_chat_live_in_two_browser_contexts(spawn, pages):
+def test_two_users_chat_live_in_two_browser_contexts(spawn, pages, artefacts):
     proc = spawn()
     p = pages(proc.url)
     alice = p.open(name="alice")
@@ -336,7 +337,13 @@ def test_two_users_chat_live_in_two_browser_contexts(spawn, pages):
     send(bob, "Looks good. Shipping the console today 🚀")
     message(alice, "Shipping the console today").wait_for()
     alice.wait_for_timeout(300)
-    alice.screenshot(path=str(ROOT / "docs" / "console.png"))
+    shot = artefacts / "console.png"
+    alice.screenshot(path=str(shot))
+    print(f"console artefacts: {shot}")
+    if os.environ.get("CHATD_UPDATE_SCREENSHOT"):
+        # The README's picture: refreshed on demand, so that a test run does
+        # not leave the checkout modified (README, "The web console").
+        shutil.copyfile(shot, ROOT / "docs" / "console.png")
 
     # alice edits (ArrowUp in an empty composer edits her last message)
     alice.press("#compose", "ArrowUp")
