@@ -711,7 +711,7 @@ function setMode(mode) {
   $("composer-mode-text").textContent = mode
     ? `${mode.kind === "edit" ? "Editing" : "Replying to"} ${mode.message.sender_id}: ${mode.message.content || ""}`
     : "";
-  if (!mode) $("compose").placeholder = "Message: Enter sends, Shift+Enter new line";
+  if (!mode) $("compose").placeholder = "Message (Enter sends, Shift+Enter: new line)";
 }
 
 function markRead(view) {
