@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -153,7 +154,8 @@ def sign_in(page, user: str) -> None:
 
 def message(page, text: str):
     """The message item whose content is exactly ``text``."""
-    return page.locator("#messages li.msg").filter(has=page.locator(".content", has_text=text))
+    exact = re.compile(f"^{re.escape(text)}$")
+    return page.locator("#messages li.msg").filter(has=page.locator(".content", has_text=exact))
 
 
 def send(page, text: str) -> None:
@@ -335,7 +337,7 @@ def test_two_users_chat_live_in_two_browser_contexts(spawn, pages, artefacts):
     # README screenshot: a laptop-sized page mid-conversation
     bob.click("#panel-close")
     send(bob, "Looks good. Shipping the console today 🚀")
-    message(alice, "Shipping the console today").wait_for()
+    message(alice, "Looks good. Shipping the console today 🚀").wait_for()
     alice.wait_for_timeout(300)
     shot = artefacts / "console.png"
     alice.screenshot(path=str(shot))
@@ -395,6 +397,48 @@ def test_phone_width_has_no_sideways_scroll_and_the_keyboard_reaches_the_compose
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.click("#back")
     assert page.is_visible("#chat-list")
+    assert p.unexpected_errors() == []
+
+
+def test_scroll_back_pins_edit_history_and_adding_a_member(spawn, pages):
+    proc = spawn()
+    chat = new_chat(proc.url, "Long")
+    for i in range(1, 61):
+        post(proc.url, chat["id"], f"number {i}")
+    p = pages(proc.url)
+    page = p.open()
+    sign_in(page, "alice")
+    page.click("#chat-list button")
+    message(page, "number 60").wait_for()
+    # The newest page first (50), then the rest on "Load older", in seq order.
+    assert page.locator("#messages li.msg").count() == 50
+    page.click("#older")
+    message(page, "number 1").wait_for()
+    texts = page.eval_on_selector_all("#messages .content", "ns => ns.map(n => n.textContent)")
+    assert texts == [f"number {i}" for i in range(1, 61)]
+    assert page.is_hidden("#older")
+    # Pin (alice owns the chat) and see it in the pins panel.
+    seven = message(page, "number 7")
+    seven.scroll_into_view_if_needed()
+    seven.hover()
+    seven.locator("button:has-text('Pin')").click()
+    seven.locator(".pin-mark").wait_for()
+    page.click("#pins-btn")
+    page.locator("#panel-list li.msg:has-text('number 7')").wait_for()
+    assert page.locator("#panel-list li.msg").count() == 1
+    page.click("#panel-close")
+    # Edit history: the original, then the edit.
+    msg = rest("GET", f"{proc.url}/chats/{chat['id']}/messages?limit=1")["messages"][0]
+    rest("PATCH", f"{proc.url}/messages/{msg['id']}", {"content": "sixty"})
+    edited = message(page, "sixty")
+    edited.locator(".edited").click()
+    expect(page.locator("#panel-list .content")).to_have_text(["number 60", "sixty"])
+    # Add a member from the header form.
+    page.fill("#add-member-input", "carol")
+    page.press("#add-member-input", "Enter")
+    page.locator("#members li[data-user='carol']").wait_for()
+    members = rest("GET", f"{proc.url}/chats/{chat['id']}")["members"]
+    assert "carol" in [m["user_id"] for m in members]
     assert p.unexpected_errors() == []
 
 
