@@ -74,8 +74,11 @@ def artefacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("console-artefacts")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # Module-scoped, not session: while Playwright's sync API is open the
+    # thread's asyncio loop counts as running, which the next modules'
+    # pytest-tornado tests (their own IOLoop on this thread) cannot have.
     from playwright.sync_api import sync_playwright
 
     # (Playwright's wait_for_function cannot run here: the page's CSP forbids
