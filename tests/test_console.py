@@ -161,6 +161,11 @@ def message(page, text: str):
     return page.locator("#messages li.msg").filter(has=page.locator(".content", has_text=exact))
 
 
+def synced(page) -> None:
+    """The open chat is joined and caught up: its events reach the page."""
+    page.wait_for_selector("#chat-view[data-synced]")
+
+
 def send(page, text: str) -> None:
     page.fill("#compose", text)
     page.press("#compose", "Enter")
@@ -302,9 +307,9 @@ def test_two_users_chat_live_in_two_browser_contexts(spawn, pages, artefacts):
     alice.fill("#new-chat-title", "Team room")
     alice.fill("#new-chat-members", "bob")
     alice.click("#new-chat button[type=submit]")
-    alice.wait_for_selector("#chat-title:text('Team room')")
+    synced(alice)
     bob.click("#chat-list button:has-text('Team room')")
-    bob.wait_for_selector("#chat-title:text('Team room')")
+    synced(bob)
 
     # typing, then the message itself
     alice.type("#compose", "hello bob", delay=20)
@@ -391,9 +396,10 @@ def test_phone_width_has_no_sideways_scroll_and_the_keyboard_reaches_the_compose
     assert page.is_visible("#chat-list") and page.is_hidden("#chat-view")
     page.focus("#chat-list button")
     page.keyboard.press("Enter")
-    page.wait_for_selector("#chat-title:text('Phone')")
+    synced(page)
+    assert page.text_content("#chat-title") == "Phone"
     assert page.is_hidden("#sidebar")
-    assert page.evaluate("document.activeElement.id") == "compose"
+    expect(page.locator("#compose")).to_be_focused()
     page.keyboard.type("from my phone")
     page.keyboard.press("Enter")
     message(page, "from my phone").wait_for()
@@ -591,7 +597,7 @@ def test_mentions_are_highlighted_listed_and_counted(has_route, pages):
     page = p.open()
     sign_in(page, "bob")
     page.click("#chat-list button:has-text('Elsewhere')")
-    page.wait_for_selector("#chat-title:text('Elsewhere')")
+    synced(page)
     post(proc.url, chat["id"], "ping @bob now")
     page.locator("#chat-list li:has-text('Mentions') .badge.mention").wait_for()
     page.click("#mentions-btn")

@@ -281,6 +281,8 @@ async function catchUp(view) {
     hasMore = page.has_more;
   }
   afterChange(view);
+  // Joined and caught up: live events for this chat reach the page from now on.
+  $("chat-view").dataset.synced = view.id;
 }
 
 // -- the chat list ----------------------------------------------------------
@@ -373,6 +375,7 @@ async function openChat(chatId) {
     hasMore: false, readSent: 0,
   };
   state.open = view;
+  delete $("chat-view").dataset.synced;
   sessionStorage.setItem("chatd.open", chatId);
   setMode(null);
   closePanel();
