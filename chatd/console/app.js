@@ -8,6 +8,7 @@ import { Api, ApiError, enc, publicJson } from "./api.js";
 const QUICK_REACTIONS = ["👍", "❤️", "😂", "🎉", "👀"];
 const TYPING_EVERY_MS = 2000;
 const TYPING_SHOWN_MS = 3500;
+const LIVE_CHATS = 20; // chats of the list joined for live unread counts
 
 const state = {
   token: null,
@@ -256,10 +257,17 @@ async function onConnect() {
   setConn("online", "online");
   try {
     await loadChats();
-    for (const id of state.chats.keys()) {
-      if (!state.open || state.open.id !== id) emit("join-chat", id).catch(() => {});
-    }
+    // The open chat first (its catch-up must not queue behind the others),
+    // then the most recently active ones, for live unread counts. Not all:
+    // someone in hundreds of chats would send hundreds of joins per reconnect.
     if (state.open) await catchUp(state.open);
+    let joined = 0;
+    for (const id of state.chats.keys()) {
+      if (joined >= LIVE_CHATS) break;
+      if (state.open && state.open.id === id) continue;
+      joined += 1;
+      emit("join-chat", id).catch(() => {});
+    }
   } catch (err) {
     failed(err);
   }
