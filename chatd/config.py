@@ -66,6 +66,11 @@ class Settings:
     body_timeout: float = 20.0
     ws_compression: bool = False
     workers: int = 1
+    console: bool = True  # the web console at / (CHATD_CONSOLE=off: not served)
+    # True only on the embedded default with the secret chatd generated itself
+    # (no ACCESS_TOKEN_SECRET configured): the console may then mint tokens
+    # ("sign in as NAME", chatd/webconsole.py). Set by server.main, never by env.
+    own_secret: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -395,5 +400,6 @@ def load(
         body_timeout=env.float("BODY_TIMEOUT", 20.0, 0.1, 600.0),
         ws_compression=env.bool("WS_COMPRESSION", False),
         workers=workers,
+        console=env.bool("CHATD_CONSOLE", True),
         extra={"refresh_token_secret_set": env.get("REFRESH_TOKEN_SECRET") is not None},
     )

@@ -229,6 +229,10 @@ class Chatd:
             readiness=self.readiness,
             metrics=self.metrics,
         )
+        if s.console:
+            from . import webconsole
+
+            ctx.extra["console"] = webconsole.Console(s)
         app = web.make_app(ctx, self._socket_handler(), log_function=web.log_request)
         ssl_options = None
         if s.tls:
@@ -642,6 +646,7 @@ directory (CHATD_ENV_FILE names another); .env.example lists them all:
   DATABASE_URL or DB_*        PostgreSQL; REDIS_URL or REDIS_*: Redis
   ACCESS_TOKEN_SECRET         the HS256 secret tokens are signed with
   LOG_LEVEL, LOG_FORMAT       debug|info|warning|error, text|json
+  CHATD_CONSOLE               the web console at / (on|off, default on)
 
 With no database configured chatd runs its own PostgreSQL and Redis (the
 embedded default), with their data, and a generated token secret, in
@@ -697,6 +702,8 @@ def main(argv: list[str] | None = None) -> None:
             # so initdb and the waits block nothing; stopped after it is gone.
             secret_configured = bool(settings.access_token_secret)
             settings, created = embedded.resolve(settings, create=True)
+            # chatd's own secret: the web console may sign in by name (webconsole.py).
+            settings = dataclasses.replace(settings, own_secret=not secret_configured)
             setup_logging(settings)  # again: now it knows the embedded secret, to mask it
             layout = embedded.Layout(embedded.Path(settings.data_dir))
             # A configured REDIS_URL is used as it is; otherwise Redis is embedded too.

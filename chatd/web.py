@@ -616,6 +616,10 @@ def make_app(
     ctx: Context, socketio_handler: type | None = None, **settings
 ) -> tornado.web.Application:
     handlers = routes(ctx)
+    if "console" in ctx.extra:  # the web console (chatd.webconsole), unless CHATD_CONSOLE=off
+        from .webconsole import routes as console_routes
+
+        handlers += console_routes(ctx)
     if socketio_handler is not None:
         handlers.insert(0, (r"/socket.io/", socketio_handler))
     return tornado.web.Application(

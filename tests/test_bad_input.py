@@ -371,7 +371,8 @@ async def test_user_id_comes_from_first_present_claim_as_a_string(api, chat_id):
 @pytest.mark.parametrize(
     "method,path",
     [
-        ("GET", "/"),
+        ("GET", "/console/"),  # (/ itself is the web console, tests/test_console.py)
+        ("GET", "/index.html"),
         ("GET", "/nope"),
         ("POST", "/api/chats"),
         ("GET", "/chats/a/b/c"),

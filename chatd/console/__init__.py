@@ -1,0 +1,2 @@
+"""The web console's static files (served by chatd.webconsole): a package only so
+that setuptools ships them."""
