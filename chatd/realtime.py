@@ -1162,13 +1162,13 @@ class ChatNamespace(socketio.AsyncNamespace):
         await self.presence.leave(chat_id, sid)
 
     async def join_chat(self, sid: str, user_id: str, payload: object) -> dict:
-        since_seq = None
+        since_seq = since_version = None
         if isinstance(payload, dict) and payload.get("since_seq") is not None:
             since_seq = validate.json_int(payload["since_seq"], "since_seq")
         if isinstance(payload, dict) and payload.get("since_version") is not None:
             if since_seq is not None:
                 raise BadRequest("give at most one of since_seq and since_version")
-            return await self._join_since_version(sid, user_id, payload)
+            since_version = validate.json_int(payload["since_version"], "since_version")
         chat_id = _chat_id_of(payload)
         room = chat_room(chat_id)
         # The cap counts the chats joined and those being joined: the slot is
@@ -1183,6 +1183,8 @@ class ChatNamespace(socketio.AsyncNamespace):
             raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
         reserved[room] += 1
         try:
+            if since_version is not None:
+                return await self._join_since_version(sid, user_id, chat_id, room, since_version)
             return await self._join(sid, user_id, chat_id, room, since_seq)
         finally:
             reserved[room] -= 1
@@ -1233,17 +1235,13 @@ class ChatNamespace(socketio.AsyncNamespace):
             "has_more": state.missed.has_more,
         }
 
-    async def _join_since_version(self, sid: str, user_id: str, payload: dict) -> dict:
+    async def _join_since_version(
+        self, sid: str, user_id: str, chat_id: str, room: str, since: int
+    ) -> dict:
         """join-chat {chat_id, since_version} (API.md version 2): as with
         since_seq, check, hold this socket's versioned events of the chat,
         enter, read the changes, and after the ack release the held events
-        the ack did not cover."""
-        since = validate.json_int(payload["since_version"], "since_version")
-        chat_id = _chat_id_of(payload)
-        room = chat_room(chat_id)
-        rooms = self.rooms(sid)
-        if room not in rooms and len(rooms) > MAX_ROOMS_PER_SOCKET + 1:
-            raise BadRequest(f"a socket may join at most {MAX_ROOMS_PER_SOCKET} chats")
+        the ack did not cover. (The cap's slot is taken by join_chat.)"""
         await self.domain.readable(user_id, chat_id)
         self.manager.hold_versions(sid, room)
         await self.enter_room(sid, room)

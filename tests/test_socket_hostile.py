@@ -141,11 +141,15 @@ async def _ack(sock: RawSocket, ack_id: int):
     return await fut
 
 
+@pytest.mark.parametrize("since", [None, "since_version"])
 @pytest.mark.gen_test(timeout=120)
-async def test_the_chat_cap_holds_under_300_concurrent_join_chat(spawn, chat_id, database_url):
+async def test_the_chat_cap_holds_under_300_concurrent_join_chat(
+    spawn, chat_id, database_url, since
+):
     """300 join-chat sent without waiting for any ack all answered ok: every
     one passed the cap check before the first had entered its room. The slot
-    is now taken before the first await: exactly 200 succeed."""
+    is now taken before the first await: exactly 200 succeed, whichever form
+    of join-chat (plain, or catching up with since_version)."""
     ids = [f"{chat_id}-{i}" for i in range(300)]
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
@@ -158,11 +162,15 @@ async def test_the_chat_cap_holds_under_300_concurrent_join_chat(spawn, chat_id,
             )
     finally:
         conn.close()
+
+    def payload(cid: str):
+        return {"chat_id": cid, "since_version": 0} if since else cid
+
     proc = spawn()
     sock = await RawSocket.open(proc.url, token("bob"))
     try:
         acks = await asyncio.wait_for(
-            asyncio.gather(*(sock.emit("join-chat", cid) for cid in ids)), 60
+            asyncio.gather(*(sock.emit("join-chat", payload(cid)) for cid in ids)), 60
         )
         ok = [a for a in acks if a["ok"]]
         refused = [a for a in acks if not a["ok"]]
@@ -170,7 +178,7 @@ async def test_the_chat_cap_holds_under_300_concurrent_join_chat(spawn, chat_id,
         assert {a["error"]["code"] for a in refused} == {"validation_error"}
         assert all("at most 200 chats" in a["error"]["message"] for a in refused)
         # The same 300 again at once: the 200 joined are fine, the rest refused.
-        again = await asyncio.gather(*(sock.emit("join-chat", cid) for cid in ids))
+        again = await asyncio.gather(*(sock.emit("join-chat", payload(cid)) for cid in ids))
         assert sum(a["ok"] for a in again) == 200
         joined = {a["chat_id"] for a in ok}
         assert {a["chat_id"] for a in again if a["ok"]} == joined
