@@ -4,7 +4,7 @@
  * API.md version 2 scenarios for chatd, next to the shared load generator's
  * (it uses that kit's modules: bench/run.sh sets CHATD_BENCH_KIT).
  *
- *   node bench/conversations.js --url URL --secret S --scenario react|changes
+ *   node bench/conversations.js --url URL --secret S --scenario react|edit|changes|search
  *        [--pid PID] [--label L] [--out FILE.jsonl] [--duration 10] [--concurrency 32]
  *   node bench/conversations.js --summarize FILE.jsonl [FILE.jsonl ...]
  *
@@ -16,6 +16,10 @@
  * changes: a chat with 500 changes (sends, edits, reactions); readers catch up
  *          with GET /chats/{id}/changes?since_version=0&limit=500, and each answer
  *          is checked (500 messages, ascending versions, has_more false).
+ * search:  32 members of one chat of 2,000 messages (words from a 64-word
+ *          vocabulary, 6 per message) search it with GET /search?q=<two words>
+ *          (newest 20, all the caller's chats); every answer is checked: at most
+ *          20 messages, newest first, each containing both words.
  * Prints one JSON line per run (like bench.js); loopback targets only.
  */
 
@@ -37,11 +41,11 @@ if (argv[0] === '--summarize') {
 const o = L.parseArgs(argv, {
   url: 'http://127.0.0.1:8080', secret: process.env.ACCESS_TOKEN_SECRET || '', scenario: '',
   pid: 0, label: '', out: '', duration: 10, warmup: 1, concurrency: 32, messages: 50,
-  changes: 500,
+  changes: 500, corpus: 2000,
 });
 L.assertLoopback(o.url);
-if (!['react', 'edit', 'changes'].includes(o.scenario)) {
-  console.error('conversations.js: --scenario must be react, edit or changes');
+if (!['react', 'edit', 'changes', 'search'].includes(o.scenario)) {
+  console.error('conversations.js: --scenario must be react, edit, changes or search');
   process.exit(2);
 }
 const RUN = L.runId();
@@ -180,6 +184,41 @@ async function scenarioChanges() {
   return finish(res, { changes: o.changes, messages: 300 });
 }
 
+const VOCAB = Array.from({ length: 64 }, (_, i) => `w${String.fromCharCode(97 + (i % 26))}${String.fromCharCode(97 + ((i * 7) % 26))}${i}`);
+
+async function scenarioSearch() {
+  const owner = `${RUN}-owner`;
+  const readers = Array.from({ length: o.concurrency }, (_, i) => `${RUN}-s${i}`);
+  const chat = `${RUN}-search`;
+  await must('POST', '/chats', owner, { id: chat, title: 'search', members: readers }, 201);
+  // A deterministic corpus: message k holds 6 words picked by a small LCG.
+  let x = 12345;
+  const next = () => { x = (x * 1103515245 + 12345) % 2147483648; return x; };
+  const texts = Array.from({ length: o.corpus }, () => Array.from({ length: 6 }, () => VOCAB[next() % VOCAB.length]).join(' '));
+  for (let k = 0; k < texts.length; k += o.concurrency) {
+    await Promise.all(texts.slice(k, k + o.concurrency).map((t) => must('POST', `/chats/${chat}/messages`, owner, { content: t }, 201)));
+  }
+  const res = await timed(async (i, n) => {
+    const a = VOCAB[(i * 5 + n) % VOCAB.length];
+    const b = VOCAB[(i * 11 + n * 3 + 1) % VOCAB.length];
+    const r = await pool.request({
+      path: `/search?q=${encodeURIComponent(`${a} ${b}`)}`, method: 'GET',
+      headers: { authorization: `Bearer ${tok(readers[i])}` },
+    });
+    const body = await r.body.text();
+    if (r.statusCode !== 200) return false;
+    const j = JSON.parse(body);
+    if (!Array.isArray(j.messages) || j.messages.length > 20) return false;
+    for (let k = 0; k < j.messages.length; k++) {
+      const words = j.messages[k].content.split(' ');
+      if (!words.includes(a) || !words.includes(b)) return false;
+      if (k && j.messages[k].seq >= j.messages[k - 1].seq) return false;
+    }
+    return true;
+  });
+  return finish(res, { corpus: o.corpus });
+}
+
 function finish(res, extra) {
   const st = latencyStats(res.lat);
   return {
@@ -199,7 +238,7 @@ function summarize(files) {
     for (const line of fs.readFileSync(f, 'utf8').split('\n')) {
       if (!line.startsWith('{')) continue;
       const j = JSON.parse(line);
-      if (['react', 'edit', 'changes'].includes(j.scenario)) rows.push({ ...j, label: String(j.label) });
+      if (['react', 'edit', 'changes', 'search'].includes(j.scenario)) rows.push({ ...j, label: String(j.label) });
     }
   }
   const median = (xs) => {
@@ -222,7 +261,7 @@ function summarize(files) {
 
 (async () => {
   const at = new Date().toISOString();
-  const fn = { react: scenarioReact, edit: scenarioEdit, changes: scenarioChanges }[o.scenario];
+  const fn = { react: scenarioReact, edit: scenarioEdit, changes: scenarioChanges, search: scenarioSearch }[o.scenario];
   const res = await fn();
   const line = JSON.stringify({ scenario: o.scenario, label: o.label || null, ...res, run_id: RUN, at, load: require('node:os').loadavg().map(r2) });
   process.stdout.write(line + '\n');

@@ -28,7 +28,7 @@ run_scenario() {
     post32)  args=(--scenario post --chats 32 --duration "$dur");;
     history) args=(--scenario history --duration "$dur");;
     fanout)  args=(--scenario fanout --duration "$dur");;
-    react|edit|changes)  # API.md version 2: bench/conversations.js, on the same kit
+    react|edit|changes|search)  # API.md version 2: bench/conversations.js, on the same kit
       local pidarg=(); [ -n "$pid" ] && pidarg=(--pid "$pid")
       echo "== $label $sc (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
       CHATD_BENCH_KIT="$KIT/load" node "$BENCH_DIR/conversations.js" --url "$url" \
