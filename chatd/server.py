@@ -43,6 +43,7 @@ import tornado.web
 import tornado.websocket
 
 from . import (
+    accesslog,
     cache,
     config,
     embedded,
@@ -126,7 +127,9 @@ def _password(url: str | None) -> str | None:
 
 
 def setup_logging(settings: config.Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # One handler for every record, which also writes the access lines
+    # (chatd.accesslog: formatted directly, written once per loop turn).
+    handler = accesslog.LogHandler(sys.stderr, settings.log_format == "json", redact)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
