@@ -80,8 +80,9 @@ Tornado's HTTP layer is overridden likewise in chatd.httpconn (exercised by
 tests/test_http_edge.py): ``HTTP1Connection._read_message_inner`` (server
 side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
 ``finish``, ``_finish_request``,
-``HTTP1ServerConnection._server_request_loop`` and ``HTTPServer.handle_stream``
-(chatd.server.HTTPServer).
+``HTTP1ServerConnection._server_request_loop``, ``HTTPServer.handle_stream``
+(chatd.server.HTTPServer) and ``_HTTPRequestContext._apply_xheaders``
+(chatd.httpconn.RequestContext).
 
 The event loop is asyncio's, built on chatd.fairselect's selector (through
 ``SelectorEventLoop(selector)``, asyncio's own hook; the selector extends

@@ -64,6 +64,11 @@ from .storage import Storage
 
 log = logging.getLogger("chatd")
 
+# Seconds a connection may wait for a request head (idle keep-alive, or a head
+# that trickles in) before it is closed; longer than the 60 s keep-alive
+# timeout of nginx's upstream and of most client pools, so that they close first.
+IDLE_CONNECTION_TIMEOUT = 75.0
+
 # Attributes every LogRecord has; anything else was passed in ``extra=``.
 _RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -250,7 +255,7 @@ class Chatd:
             # Bodies stream through BaseHandler, which answers 413 past 64 KiB;
             # this only cuts off a client that keeps sending after that.
             max_body_size=1024 * 1024,
-            idle_connection_timeout=75,
+            idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
             # A body not received within this is answered 408 (chatd.httpconn).
             body_timeout=s.body_timeout,
         )
@@ -495,9 +500,7 @@ class HTTPServer(tornado.httpserver.HTTPServer):
         stream.set_nodelay(True)
         stream.set_nodelay = _nodelay_stays_on
         # Tornado's handle_stream, with chatd's connection class.
-        context = tornado.httpserver._HTTPRequestContext(
-            stream, address, self.protocol, self.trusted_downstream
-        )
+        context = httpconn.RequestContext(stream, address, self.protocol, self.trusted_downstream)
         ctx = getattr(self.request_callback, "settings", {}).get("chatd_ctx")
         context.chatd_cors = ctx.cors_origins if ctx is not None else ()
         conn = httpconn.ServerConnection(stream, self.conn_params, context)
