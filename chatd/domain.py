@@ -132,6 +132,7 @@ class Posted:
     message: dict
     raw: bytes
     created: bool  # False: a repeat of an earlier client_id
+    replaced_mentions: list | None = None  # an edit's: the mentions it replaced
 
 
 @dataclass(slots=True)
@@ -576,7 +577,8 @@ class ChatService:
             else:
                 await self.events.message_updated(message, raw)
             if what == "m":
-                mine = Posted(message, raw, True)
+                replaced = row[1 + model.N_MSG] if len(row) > 1 + model.N_MSG else None
+                mine = Posted(message, raw, True, replaced)
         assert mine is not None
         return mine
 
@@ -642,15 +644,15 @@ class ChatService:
             raise Forbidden("only the sender may edit a message")
         if facts.deleted:
             raise message_not_found()
-        before = await self.storage.message(facts.id)
         posted = await self._commit(
             facts.chat_id, self.storage.edit_change(facts.chat_id, facts.id, text)
         )
         if posted is None:  # deleted in the meantime
             raise message_not_found()
         if posted.created:
-            # Only the users the edit newly mentions are told (docs/API-NOTES.md).
-            earlier = set(model.message(before)["mentions"]) if before is not None else set()
+            # Only the users the edit newly mentions are told (docs/API-NOTES.md),
+            # against the mentions it replaced, read in its own transaction.
+            earlier = set(posted.replaced_mentions or ())
             await self._mentioned(
                 posted.message, [u for u in posted.message["mentions"] if u not in earlier]
             )

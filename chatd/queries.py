@@ -320,10 +320,12 @@ class SQL:
         UNION ALL SELECT 'p', {MSG_COLS} FROM p AS m"""
 
     # An edit keeps the text it replaces (with when that text was written) in
-    # message_edits. The same text again changes nothing.
+    # message_edits. The same text again changes nothing. Its 'm' row also
+    # carries the mentions it replaced, read under the chat's lock (LOCK runs
+    # first): whom the edit newly mentions is exact however edits race.
     EDIT = f"""
         WITH t AS (
-            SELECT id, content, coalesce(edited_at, created_at) AS at FROM messages
+            SELECT id, content, coalesce(edited_at, created_at) AS at, mentions FROM messages
              WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
                AND content <> %(content)s
         ), v AS (
@@ -340,9 +342,9 @@ class SQL:
               FROM v WHERE m.id = %(id)s
          RETURNING m.*
         )
-        SELECT 'm', {MSG_COLS} FROM m
+        SELECT 'm', {MSG_COLS}, (SELECT mentions FROM t) FROM m
         UNION ALL
-        SELECT 'same', {MSG_COLS} FROM messages m
+        SELECT 'same', {MSG_COLS}, NULL FROM messages m
          WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT m.deleted
            AND NOT EXISTS (SELECT 1 FROM t)"""
 
