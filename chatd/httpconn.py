@@ -109,6 +109,7 @@ class Connection(HTTP1Connection):
     docstring for what differs from Tornado's)."""
 
     _discard = False  # answered early; the (small) body is read and dropped
+    _server: ServerConnection | None = None  # the connection's request loop
     _refused = False  # answered by the connection itself: nothing more is written
 
     # -- reading ---------------------------------------------------------------
@@ -118,7 +119,11 @@ class Connection(HTTP1Connection):
             return await super()._read_message_inner(delegate, num_1xx)
         need_delegate_close = False
         try:
-            head_future = self.stream.read_until_regex(_HEAD)
+            server = self._server
+            if server is not None and server.next_head is not None:
+                head_future, server.next_head = server.next_head, None
+            else:
+                head_future = self.stream.read_until_regex(_HEAD)
             if head_future.done():  # pipelined: the head is here already
                 head = head_future.result()
             else:
@@ -259,12 +264,41 @@ class Connection(HTTP1Connection):
 
     def _finish_request(self, future) -> None:
         if self.is_client or self._read_finished or self.stream is None:
-            return super()._finish_request(future)
+            super()._finish_request(future)
+            self._arm_next_head()
+            return
         # The answer is out, the body is not read yet: _read_message_inner
         # reads it, then goes on or closes.
         self._clear_callbacks()
         if not self._finish_future.done():
             future_set_result_unless_cancelled(self._finish_future, None)
+
+    def _arm_next_head(self) -> None:
+        """Start reading the next request's head as soon as this answer is
+        out, rather than two loop turns later when the request loop comes
+        round. Tornado listens for reads between requests only to notice a
+        close; a request arriving in that gap was read into the buffer and
+        the socket taken out of epoll, then put back once the next head read
+        began: two epoll_ctl calls and asyncio's reader bookkeeping per
+        request under load. With the read pending, the request goes straight
+        to it and the socket stays registered."""
+        stream = self.stream
+        server = self._server
+        if (
+            self.is_client
+            or server is None
+            or self._disconnect_on_finish
+            or stream is None
+            or stream.closed()
+            or stream.reading()
+            # A websocket takes the stream over after its 101.
+            or self._request_headers is None
+            or "Upgrade" in self._request_headers
+        ):
+            return
+        head = stream.read_until_regex(_HEAD)
+        head.add_done_callback(_retrieved)  # the loop may end before taking it
+        server.next_head = head
 
     # -- refusing --------------------------------------------------------------
 
@@ -408,11 +442,14 @@ class RequestContext(_HTTPRequestContext):
 class ServerConnection(HTTP1ServerConnection):
     """Tornado's server connection, serving each request with :class:`Connection`."""
 
+    next_head: asyncio.Future | None = None  # the next request's head, being read
+
     async def _server_request_loop(self, delegate) -> None:
         # Tornado 6.6's loop, with chatd's connection class.
         try:
             while True:
                 conn = Connection(self.stream, False, self.params, self.context)
+                conn._server = self
                 request_delegate = delegate.start_request(self, conn)
                 try:
                     ret = await conn.read_response(request_delegate)
@@ -431,6 +468,11 @@ class ServerConnection(HTTP1ServerConnection):
                 await asyncio.sleep(0)
         finally:
             delegate.on_close(self)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # a close while nobody waits: not worth a warning
 
 
 def _too_large_head(head: bytes) -> ApiError:

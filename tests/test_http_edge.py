@@ -481,6 +481,25 @@ async def test_a_body_arriving_within_the_timeout_is_served(quick_chatd):
         writer.close()
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_keep_alive_connections_closed_between_requests_are_let_go(chatd, caplog):
+    """The next request's head is read as soon as an answer is out
+    (Connection._arm_next_head): a client that then closes, or sends half a
+    head and closes, ends its connection on chatd's side too, quietly."""
+    pairs = [await connect(chatd.port) for _ in range(6)]
+    for reader, writer in pairs:
+        writer.write(request("GET", "/healthz"))
+        assert (await read_answer(reader)).status == 200
+    pairs[0][1].write(b"GET /heal")  # half a head, then gone
+    for _, writer in pairs:
+        writer.close()
+    deadline = time.monotonic() + 10
+    while chatd.http._connections:
+        assert time.monotonic() < deadline, chatd.http._connections
+        await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
 # -- proxy headers (xheaders; chatd.httpconn.RequestContext) -----------------------------
 
 
