@@ -602,6 +602,11 @@ class SQL:
     # docs/PERFORMANCE.md). Membership is still checked in the statement
     # itself, so a chat left in between is not searched.
     MY_CHATS = "SELECT cm.chat_id FROM chat_members cm WHERE cm.user_id = %(user_id)s"
+    # The same for the searches of one loop iteration (storage._MyChats).
+    MY_CHATS_MANY = """
+        SELECT q.i, cm.chat_id
+          FROM unnest(%(user_ids)s::text[]) WITH ORDINALITY AS q(user_id, i)
+          JOIN chat_members cm ON cm.user_id = q.user_id"""
     # A query with no word that must be present (only exclusions, only
     # stop-words, only operators) has no index condition (querytree 'T')
     # and matches nothing, rather than every message the caller can read.
@@ -707,6 +712,8 @@ class Q:
 
     ACCESS = Stmt("chatd_access", SQL.ACCESS)
     ACCESS_MANY = Stmt("chatd_access_many", SQL.ACCESS_MANY)
+    MY_CHATS = Stmt("chatd_my_chats", SQL.MY_CHATS)
+    MY_CHATS_MANY = Stmt("chatd_my_chats_many", SQL.MY_CHATS_MANY)
     SEND = Stmt("chatd_send", SQL.SEND)
     SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
     SEND_MANY = Stmt("chatd_send_many", SQL.SEND_MANY)
