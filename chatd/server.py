@@ -54,6 +54,7 @@ from . import (
     realtime,
     sdnotify,
     web,
+    wsframes,
 )
 from .auth import TokenVerifier
 from .domain import ChatService
@@ -299,6 +300,25 @@ class Chatd:
                     self._bulk_fd = None
                 super().on_close()
 
+            def get_websocket_protocol(self):
+                # Tornado's protocol with frames read from callbacks: the
+                # upgrade request's handling ends once the websocket is open
+                # instead of lasting as long as it (chatd.wsframes).
+                if self.request.headers.get("Sec-WebSocket-Version") != "13":
+                    return None
+                params = tornado.websocket._WebSocketParams(
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    max_message_size=self.max_message_size,
+                    compression_options=self.get_compression_options(),
+                )
+                return wsframes.EventWebSocketProtocol(self, False, params)
+
+            def on_message(self, message):
+                # engine.io's on_message is a coroutine, which Tornado runs in
+                # a Task of its own per frame received; queueing never waits.
+                self.receive_queue.put_nowait(message)
+
             def get_compression_options(self):
                 # permessage-deflate keeps a zlib stream per connection (~150 KB
                 # each) and costs CPU on every frame; off unless WS_COMPRESSION.
@@ -451,15 +471,28 @@ def _engineio_error(status: int, body: bytes) -> dict:
 
 class _Inbox:
     """Incoming websocket frames, in order, for engine.io's reader (the part of
-    asyncio.Queue it uses: put, put_nowait, get)."""
+    asyncio.Queue it uses: put, put_nowait, get), until the engine.io socket
+    takes them from a callback (``sink``, set by chatd.delivery.DirectSocket
+    once the websocket is its transport): then each frame, and the ``None``
+    that ends the connection, go to the sink as they arrive."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "sink")
 
     def __init__(self):
         self._items: list = []
         self._waiter: asyncio.Future | None = None
+        self.sink = None
+
+    def take(self) -> list:
+        """What arrived and was not read yet (the sink gets the rest)."""
+        items, self._items = self._items, []
+        return items
 
     def put_nowait(self, item) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(item)
+            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
