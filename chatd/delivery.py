@@ -287,6 +287,9 @@ class DirectSocket(AsyncSocket):
         if not queue.empty():
             self._schedule_flush()  # the OPEN packet, or what waited for the upgrade
         self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
+        served = getattr(handler, "served", None)
+        if served is not None:
+            served()  # the upgrade request's leftovers go (chatd.server)
         early = inbox.take()
         inbox.sink = self._on_frame
         for data in early:

@@ -41,6 +41,7 @@ import tornado.iostream
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+from tornado.httputil import HTTPHeaders
 
 from . import (
     cache,
@@ -313,6 +314,17 @@ class Chatd:
                     compression_options=self.get_compression_options(),
                 )
                 return wsframes.EventWebSocketProtocol(self, False, params)
+
+            def served(self):
+                # Called once engine.io has taken the websocket over
+                # (chatd.delivery.DirectSocket): what only the upgrade request
+                # needed goes. Tornado keeps the request's parsed headers twice
+                # (the request's and its connection's), and the 101's own.
+                self.request.headers = HTTPHeaders()
+                conn = self.request.connection
+                if getattr(conn, "_request_headers", None) is not None:
+                    conn._request_headers = None
+                self._headers = HTTPHeaders()
 
             def on_message(self, message):
                 # engine.io's on_message is a coroutine, which Tornado runs in

@@ -44,15 +44,15 @@ _LEN64 = struct.Struct("!Q")
 
 
 class EventWebSocketProtocol(WebSocketProtocol13):
-    # Bytes read that do not make a whole frame yet.
+    # Bytes read that do not make a whole frame yet; None once the reading
+    # is over. A class default, set on the instance only when there are
+    # some: every attribute added is a bigger __dict__ per connection.
     _pending = b""
-    _reading = False
 
     async def _receive_frame_loop(self) -> None:
         if self._decompressor is not None:
             await super()._receive_frame_loop()
             return
-        self._reading = True
         self._read()
 
     # -- reading ---------------------------------------------------------------
@@ -79,8 +79,10 @@ class EventWebSocketProtocol(WebSocketProtocol13):
             self._over()
             return
         pending = self._pending
-        self._pending = b""
-        self._consume(pending + chunk if pending else chunk)
+        if pending:
+            self._pending = b""
+            chunk = pending + chunk
+        self._consume(chunk)
 
     def _consume(self, buf) -> None:
         """Handle the whole frames in ``buf``, keep the rest, read on."""
@@ -171,14 +173,14 @@ class EventWebSocketProtocol(WebSocketProtocol13):
                 if handled is not None:
                     handled.add_done_callback(functools.partial(self._resume, buf[pos:]))
                     return handled
-        self._pending = bytes(buf[pos:]) if pos < end else b""
+        if pos < end:
+            self._pending = bytes(buf[pos:])
         return None
 
     def _resume(self, rest, _handled) -> None:
         self._consume(rest)
 
     def _over(self) -> None:
-        if self._reading:
-            self._reading = False
-            self._pending = b""
+        if self._pending is not None:
+            self._pending = None
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
