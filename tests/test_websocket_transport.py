@@ -193,3 +193,34 @@ def test_small_deque_behaves_as_collections_deque():
     backlog = chatd_server._SmallDeque(range(100_000))
     assert sum(backlog.popleft() for _ in range(100_000)) == sum(range(100_000))
     assert not backlog and len(backlog._items) == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_with_compression_tornados_own_frame_loop_serves_the_socket(io_loop, settings):
+    # WS_COMPRESSION=true keeps Tornado's frame loop (chatd.wsframes); the
+    # engine.io side is the same callback transport.
+    import dataclasses
+
+    from tornado.websocket import websocket_connect
+
+    daemon = chatd_server.Chatd(dataclasses.replace(settings, ws_compression=True))
+    await daemon.start()
+    try:
+        url = f"ws://127.0.0.1:{daemon.port}/socket.io/?EIO=4&transport=websocket"
+        ws = await websocket_connect(url, compression_options={})
+        assert ws.protocol._compressor is not None  # permessage-deflate agreed
+        assert (await ws.read_message()).startswith("0")
+        await ws.write_message("40" + orjson.dumps({"token": token("bob")}).decode())
+        assert (await ws.read_message()).startswith("40")
+        await ws.write_message('421["join-chat","' + "n" * 3000 + '"]')
+        while not (msg := await ws.read_message()).startswith("431"):
+            assert msg is not None
+        assert orjson.loads(msg[3:])[0]["ok"] is False
+        ws.close()
+        for _ in range(200):
+            if not daemon.sio.eio.sockets:
+                break
+            await asyncio.sleep(0.02)
+        assert not daemon.sio.eio.sockets
+    finally:
+        await daemon.stop()
