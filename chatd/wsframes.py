@@ -24,6 +24,15 @@ does in its ``finally``.
 
 With permessage-deflate negotiated (``WS_COMPRESSION=true``) the protocol
 keeps Tornado's own loop: the decompression rules are Tornado's to keep.
+
+Tornado internals this relies on (6.x; exercised by
+tests/test_websocket_transport.py and every websocket test): that
+``_accept_connection`` ends by awaiting ``_receive_frame_loop``, and
+``WebSocketProtocol13``'s ``_handle_message``, ``_abort``, ``params``,
+``_decompressor``, ``_fragmented_message_buffer`` / ``_opcode``,
+``_wire_bytes_in``, ``FIN`` / ``RSV_MASK`` / ``OPCODE_MASK``; chatd.server's
+handler builds it in ``get_websocket_protocol`` with
+``tornado.websocket._WebSocketParams``.
 """
 
 from __future__ import annotations
