@@ -24,7 +24,6 @@ import asyncio
 import dataclasses
 import errno
 import gc
-import itertools
 import json
 import logging
 import os
@@ -493,56 +492,21 @@ def _engineio_error(status: int, body: bytes) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-class _SmallDeque:
+class _SmallDeque(list):
     """The part of collections.deque a Tornado stream's write queues use
-    (append, popleft, [0], [-1], len, iteration, clear), on a list and the
-    index of its head: an empty deque allocates a 64-slot block (~0.7 KB),
-    this ~0.1 KB. popleft is O(1) as deque's (the head moves; the list is
-    compacted once the head passes half of it), so a slow reader's backlog
-    of thousands of frames drains in linear time."""
+    (append, popleft, [0], [-1], len, iteration, clear), on a list: an empty
+    deque allocates a 64-slot block (~0.7 KB), an empty list nothing. Every
+    operation but popleft is the list's own (C) one; a class of its own with
+    a head index made popleft O(1) but cost ~0.6 us more per frame written
+    (~2% of a fanout delivery), this ~0.1 us. popleft is a list's pop(0):
+    linear in the backlog, which only a client that stops reading builds (a
+    10,000-frame backlog drains in ~9 ms of CPU in all; one that reads
+    nothing is closed by the ping timeout first)."""
 
-    __slots__ = ("_head", "_items")
-
-    def __init__(self, items=()):
-        self._items = list(items)
-        self._head = 0
-
-    def __len__(self) -> int:
-        return len(self._items) - self._head
-
-    def __iter__(self):
-        return itertools.islice(self._items, self._head, None)
-
-    def __getitem__(self, i):
-        n = len(self._items) - self._head
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError("deque index out of range")
-        return self._items[self._head + i]
-
-    def append(self, item) -> None:
-        self._items.append(item)
+    __slots__ = ()
 
     def popleft(self):
-        items, head = self._items, self._head
-        if head >= len(items):
-            raise IndexError("pop from an empty deque")
-        item = items[head]
-        items[head] = None
-        head += 1
-        if head == len(items):
-            items.clear()
-            head = 0
-        elif head >= 32 and 2 * head >= len(items):
-            del items[:head]
-            head = 0
-        self._head = head
-        return item
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._head = 0
+        return self.pop(0)
 
 
 class _Inbox:
