@@ -1135,8 +1135,11 @@ class ChatNamespace(socketio.AsyncNamespace):
             # the websocket's life; only the handshake (and its access line,
             # written with the 101) read them: ~3 KB per idle socket.
             handler.request.headers = HTTPHeaders()
-        for key in [k for k in environ if k not in _ENVIRON_KEEP]:
-            del environ[key]
+        # Emptied and refilled, not keys deleted: a dict never shrinks its
+        # table on deletes (~0.8 KB per socket kept for nothing).
+        kept = {k: v for k, v in environ.items() if k in _ENVIRON_KEEP}
+        environ.clear()
+        environ.update(kept)
         await self.enter_room(sid, user_room(user_id))
         log.info("socket connect sid=%s user=%s rid=%s", sid, user_id, rid,
                  extra={"event": "socket_connect", "sid": sid, "user_id": user_id,
