@@ -365,26 +365,8 @@ class Chatd:
                     return super().write_message(message, binary)
                 data = message.encode() if isinstance(message, str) else message
                 conn._message_bytes_out += len(data)
-                stream = conn.stream
-                if type(stream) is tornado.iostream.IOStream and not stream._write_buffer:
-                    # Nothing queued before it (so the order holds) and no TLS
-                    # layer: straight to the socket. IOStream.write's future,
-                    # its done-callback (a loop callback per frame) and buffer
-                    # bookkeeping were half the CPU of a fanout delivery.
-                    frame = _ws_frame(0x82 if binary else 0x81, data)
-                    conn._wire_bytes_out += len(frame)
-                    try:
-                        sent = stream.socket.send(frame)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except (OSError, AttributeError):
-                        sent = 0  # lost or closed: IOStream's write below says how
-                    if sent == len(frame):
-                        return None
-                    try:
-                        return stream.write(frame[sent:] if sent else frame)
-                    except tornado.iostream.StreamClosedError:
-                        raise tornado.websocket.WebSocketClosedError() from None
+                # (The stream sends it straight to the socket when it can:
+                # chatd.httpconn.ServerStream.)
                 try:
                     return conn._write_frame(True, 0x2 if binary else 0x1, data)
                 except tornado.iostream.StreamClosedError:
@@ -520,17 +502,6 @@ def _engineio_error(status: int, body: bytes) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def _ws_frame(first: int, data: bytes) -> bytes:
-    """An unmasked server websocket frame: FIN + opcode byte, length, payload
-    (RFC 6455 5.2, as Tornado's WebSocketProtocol13._write_frame makes it)."""
-    n = len(data)
-    if n < 126:
-        return bytes((first, n)) + data
-    if n <= 0xFFFF:
-        return bytes((first, 126)) + n.to_bytes(2, "big") + data
-    return bytes((first, 127)) + n.to_bytes(8, "big") + data
-
-
 class _SmallDeque(list):
     """The part of collections.deque a Tornado stream's write queues use
     (append, popleft, [0], [-1], len, iteration, clear), on a list: an empty
@@ -592,8 +563,9 @@ class _Inbox:
 
 class HTTPServer(tornado.httpserver.HTTPServer):
     """Tornado's HTTP server with chatd's connections (chatd.httpconn: keep-alive
-    after early answers, JSON answers to malformed requests, 408/414/431) and
-    TCP_NODELAY on for each connection's life.
+    after early answers, JSON answers to malformed requests, 408/414/431,
+    writes straight to the socket for plain connections) and TCP_NODELAY on
+    for each connection's life.
 
     Tornado turns Nagle's algorithm off to finish every response and back on
     after it: two setsockopt() calls per request (~2.5% of a history read).
@@ -601,6 +573,8 @@ class HTTPServer(tornado.httpserver.HTTPServer):
     anyway, so it is set once at accept and left alone."""
 
     def handle_stream(self, stream, address) -> None:
+        if type(stream) is tornado.iostream.IOStream:  # not TLS
+            stream.__class__ = httpconn.ServerStream
         stream.set_nodelay(True)
         stream.set_nodelay = _nodelay_stays_on
         # Tornado's handle_stream, with chatd's connection class.

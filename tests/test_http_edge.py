@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import random
 import signal
+import socket
 import time
 
 import aiohttp
@@ -498,6 +499,40 @@ async def test_keep_alive_connections_closed_between_requests_are_let_go(chatd, 
         assert time.monotonic() < deadline, chatd.http._connections
         await asyncio.sleep(0.05)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_large_answer_to_a_slow_reader_arrives_whole_and_the_connection_serves_on(
+    chatd, api, chat_id
+):
+    """Answers go straight to the socket while nothing is queued
+    (httpconn.ServerStream); what a full socket does not take queues in
+    Tornado's stream. A ~400 KB page read slowly through a small receive
+    buffer arrives whole, then the next request on the connection is served."""
+    await api.create_chat(chat_id)
+    for start in range(0, 100, 25):
+        await asyncio.gather(
+            *(api.send(chat_id, f"{i:03d} " + "y" * 3990) for i in range(start, start + 25))
+        )
+    reader, writer = await connect(chatd.port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    try:
+        auth = {"Authorization": f"Bearer {token('alice')}"}
+        writer.write(request("GET", f"/chats/{chat_id}/messages?limit=100", **auth))
+        writer.transport.pause_reading()
+        await asyncio.sleep(0.5)  # chatd fills the socket and queues the rest
+        writer.transport.resume_reading()
+        answer = await read_answer(reader, timeout=30)
+        assert answer.status == 200, answer
+        page = answer.json["messages"]
+        assert sorted(m["content"][:3] for m in page) == [f"{i:03d}" for i in range(100)]
+        assert [m["seq"] for m in page] == list(range(1, 101))
+        assert all(len(m["content"]) == 3994 for m in page)
+        writer.write(request("GET", "/healthz"))
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
 
 
 # -- proxy headers (xheaders; chatd.httpconn.RequestContext) -----------------------------
