@@ -51,6 +51,8 @@ from chatd.auth import mint  # noqa: E402
 from tests.rawsocket import RawSocket  # noqa: E402
 
 PROBE_CHATS = 10
+# --turns: the storm's turns counted by duration, under each of these (ms).
+TURN_EDGES_MS = (1, 2, 5, 10, 20, 50, 100)
 SECRET = "bench-secret-0123456789abcdef0123456789"
 
 
@@ -324,6 +326,10 @@ def serve_traced(out: str) -> None:
 
     state = {"on": False, "cur": None}
     long_turns: list = []
+    # Every turn of the storm: how many, their wall and CPU time, a histogram
+    # of their durations, and the time per callback over all of them.
+    summary = {"turns": 0, "wall_s": 0.0, "cpu_s": 0.0, "hist": [0] * (len(TURN_EDGES_MS) + 1)}
+    callbacks: dict = {}
     run_once = base_events.BaseEventLoop._run_once
     handle_run = events.Handle._run
 
@@ -359,6 +365,18 @@ def serve_traced(out: str) -> None:
             dt = time.perf_counter() - t
             cpu = time.thread_time() - cpu
             state["cur"] = None
+            summary["turns"] += 1
+            summary["wall_s"] += dt
+            summary["cpu_s"] += cpu
+            for i, edge in enumerate(TURN_EDGES_MS):
+                if dt * 1000 < edge:
+                    summary["hist"][i] += 1
+                    break
+            else:
+                summary["hist"][-1] += 1
+            for k, (n, s) in cur.items():
+                tn, ts = callbacks.get(k, (0, 0.0))
+                callbacks[k] = (tn + n, ts + s)
             if dt > 0.02:
                 top = sorted(cur.items(), key=lambda kv: -kv[1][1])[:8]
                 long_turns.append({
@@ -391,6 +409,15 @@ def serve_traced(out: str) -> None:
         selector = getattr(asyncio.get_event_loop(), "chatd_selector", None)
         long_turns.append({"deferred_total": getattr(selector, "deferred_total", None),
                            "gc_over_5ms": gc_times})  # fmt: skip
+        top = sorted(callbacks.items(), key=lambda kv: -kv[1][1])[:15]
+        long_turns.append({
+            "turns": summary["turns"], "wall_s": round(summary["wall_s"], 3),
+            "cpu_s": round(summary["cpu_s"], 3),
+            "turn_ms_histogram": dict(zip(
+                [f"<{e}" for e in TURN_EDGES_MS] + [f">={TURN_EDGES_MS[-1]}"], summary["hist"],
+                strict=True)),
+            "callbacks_top": [[k, n, round(s * 1000, 1)] for k, (n, s) in top],
+        })  # fmt: skip
         with open(out, "wb") as f:
             for turn in long_turns:
                 f.write(orjson.dumps(turn) + b"\n")
