@@ -42,17 +42,37 @@ import asyncio
 import collections
 import selectors
 import socket
+import time
 
-# Websocket events handed to the loop per select() call while a storm lasts.
-# Measured (bench/disconnect_storm.py --turns): 64 made turns of ~25 ms, and
-# a request needs several turns (a send ~6-8); 16 keep them at ~5-15 ms.
+# The most websocket events handed to the loop per select() call while a
+# storm lasts. Measured (bench/disconnect_storm.py --turns): 64 made turns of
+# ~25 ms, and a request needs several turns (a send ~6-8); 16 keep them at
+# ~5-15 ms.
 BULK_PER_TURN = 16
+# Within that, how much loop time a turn should take while websocket events
+# wait: each select() hands out as many as the last turns' measured time per
+# websocket event fits in this (at least one). A websocket's end costs ~0.1-0.2
+# ms of CPU spread over several turns, more when the machine is busy (the
+# kernel tearing 10,000 connections down on the same cores) or when requests
+# share the turns; a count alone made turns of 20-60 ms then.
+TURN_BUDGET = 0.002
+# The turns that estimate: a websocket event's work spreads over the next 3-5
+# turns (its end, Tornado's close, engine.io's and python-socketio's).
+BUDGET_WINDOW = 8
 
 
 class FairSelector(selectors.EpollSelector):
-    def __init__(self, per_turn: int = BULK_PER_TURN):
+    def __init__(self, per_turn: int = BULK_PER_TURN, budget: float | None = TURN_BUDGET):
         super().__init__()
-        self.per_turn = per_turn
+        self.per_turn = per_turn  # the most bulk events per select
+        self.budget = budget  # seconds of loop time per turn in a storm (None: a count only)
+        # While bulk events wait: (seconds, bulk events handed out) of the last
+        # turns, and when the last select() was done polling and how many bulk
+        # events it handed out.
+        self._turns: collections.deque[tuple[float, int]] = collections.deque(maxlen=BUDGET_WINDOW)
+        self._polled = 0.0
+        self._handed = 0
+        self.allowance = per_turn  # bulk events the last storm turn could hand out
         self._bulk: set[int] = set()  # descriptors whose events may wait
         self._parked: set[int] = set()  # bulk descriptors out of the kernel's set
         self._waiting: collections.deque[tuple[int, int]] = collections.deque()
@@ -111,13 +131,31 @@ class FairSelector(selectors.EpollSelector):
         self._unpark(self._fileobj_lookup(fileobj))
         return super().modify(fileobj, events, data)
 
+    def _allowance(self, polled: float) -> int:
+        """How many bulk events this turn hands out: per_turn, or fewer when
+        the last turns took more than the time budget per event handed out."""
+        if self.budget is None:
+            return self.per_turn
+        if self._waiting:  # the last turn was a storm turn: measure it
+            self._turns.append((polled - self._polled, self._handed))
+        handed = sum(n for _, n in self._turns)
+        if handed == 0:
+            return self.per_turn
+        per_event = sum(t for t, _ in self._turns) / handed
+        if per_event <= 0:
+            return self.per_turn
+        return max(1, min(self.per_turn, int(self.budget / per_event)))
+
     def select(self, timeout=None):
         waiting = self._waiting
         ready = super().select(0 if waiting else timeout)
         if not waiting and len(ready) <= self.per_turn:
+            if self._turns:
+                self._turns.clear()  # the storm is over: the next starts afresh
             return ready  # the usual case: unchanged
+        polled = time.perf_counter()
         out = []
-        budget = self.per_turn
+        budget = self.allowance = self._allowance(polled)
         # The oldest waiting websocket events first.
         while waiting and budget > 0:
             fd, events = waiting.popleft()
@@ -143,6 +181,8 @@ class FairSelector(selectors.EpollSelector):
                 self._parked.add(fd)
                 waiting.append((fd, events))
                 self.deferred_total += 1
+        self._handed = self.allowance - budget
+        self._polled = polled
         return out
 
     def close(self):
@@ -205,10 +245,12 @@ def unmark_bulk(loop, fd: int) -> None:
         selector.unmark_bulk(fd)
 
 
-def new_loop(per_turn: int = BULK_PER_TURN) -> asyncio.AbstractEventLoop:
+def new_loop(
+    per_turn: int = BULK_PER_TURN, budget: float | None = TURN_BUDGET
+) -> asyncio.AbstractEventLoop:
     """asyncio's selector loop, with a :class:`FairSelector`."""
     global _current
-    selector = FairSelector(per_turn)
+    selector = FairSelector(per_turn, budget)
     loop = asyncio.SelectorEventLoop(selector)
     loop.chatd_selector = selector
     _current = selector

@@ -5,8 +5,10 @@ sockets (socketpairs) and asyncio's own loop on the selector."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import selectors
 import socket
+import time
 
 from chatd import fairselect
 
@@ -27,7 +29,7 @@ def close_all(ps) -> None:
 
 
 def test_a_storm_is_handed_out_per_turn_with_other_descriptors_first():
-    sel = fairselect.FairSelector(per_turn=4)
+    sel = fairselect.FairSelector(per_turn=4, budget=None)
     bulk = pairs(30)
     other = pairs(1)
     try:
@@ -66,7 +68,7 @@ def test_a_storm_is_handed_out_per_turn_with_other_descriptors_first():
 
 
 def test_few_events_pass_unchanged_and_unmarked_descriptors_never_wait():
-    sel = fairselect.FairSelector(per_turn=4)
+    sel = fairselect.FairSelector(per_turn=4, budget=None)
     ps = pairs(10)
     try:
         for a, _ in ps:
@@ -99,7 +101,7 @@ def test_few_events_pass_unchanged_and_unmarked_descriptors_never_wait():
 
 
 def test_a_waiting_descriptor_unregistered_or_modified_meanwhile():
-    sel = fairselect.FairSelector(per_turn=1)
+    sel = fairselect.FairSelector(per_turn=1, budget=None)
     ps = pairs(4)
     try:
         for a, _ in ps:
@@ -172,7 +174,7 @@ def test_peer_gone_only_for_a_waiting_descriptor_whose_peer_ended():
     """What DirectSocket asks before writing during a storm: a waiting
     descriptor with only the end to read is gone; one with data first, or
     not waiting, is not (and the peek consumes nothing)."""
-    loop = fairselect.new_loop(per_turn=1)
+    loop = fairselect.new_loop(per_turn=1, budget=None)
     sel = loop.chatd_selector
     ps = pairs(4)
     lead, ended, talked, idle = ps
@@ -206,7 +208,7 @@ def test_a_waiting_descriptor_closed_without_unregistering_breaks_nothing():
     """The loop must survive a descriptor closed behind its back while it
     waits (asyncio's own selectors tolerate that too): it is simply not
     handed out, and the others are."""
-    sel = fairselect.FairSelector(per_turn=1)
+    sel = fairselect.FairSelector(per_turn=1, budget=None)
     ps = pairs(3)
     try:
         for a, _ in ps:
@@ -227,3 +229,113 @@ def test_a_waiting_descriptor_closed_without_unregistering_breaks_nothing():
     finally:
         sel.close()
         close_all([p for p in ps if p[0].fileno() != -1])
+
+
+def _storm_on_a_loop(loop, n: int, cost: float, request_at: int | None = None):
+    """n websocket ends ready at once on asyncio's loop, each costing ``cost``
+    seconds of CPU to handle (busy, as Tornado's close is); a request (an
+    unmarked descriptor) arrives while the ``request_at``-th is handled.
+    Returns the websockets' descriptors in the order handled, the loop turn
+    each was handled in, the turn the request was handled in, and the
+    descriptors in the order their ends were made ready."""
+    ps = pairs(n)
+    ((req, client),) = pairs(1)
+    turn = [0]
+    handled: list[int] = []
+    turns: list[int] = []
+    request_turn: list[int] = []
+    done = loop.create_future()
+
+    def tick():  # runs first in every turn (scheduled by the turn before)
+        turn[0] += 1
+        if not done.done():
+            loop.call_soon(tick)
+
+    def on_ws(a, fd):
+        loop.remove_reader(fd)
+        assert a.recv(1) == b""  # the end-of-file, read once
+        t = time.perf_counter()
+        while time.perf_counter() - t < cost:
+            pass
+        if len(handled) == request_at:
+            client.send(b"GET /healthz")
+        handled.append(fd)
+        turns.append(turn[0])
+        if len(handled) == n:
+            done.set_result(None)
+
+    def on_request():
+        loop.remove_reader(req.fileno())
+        assert req.recv(100) == b"GET /healthz"
+        request_turn.append(turn[0])
+
+    try:
+        for a, _ in ps:
+            loop.add_reader(a.fileno(), on_ws, a, a.fileno())
+            fairselect.mark_bulk(loop, a.fileno())
+        loop.add_reader(req.fileno(), on_request)
+        order = [a.fileno() for a, _ in ps]
+        for _, b in ps:
+            b.close()
+        loop.call_soon(tick)
+        loop.run_until_complete(asyncio.wait_for(done, 60))
+        return handled, turns, request_turn, order
+    finally:
+        loop.remove_reader(req.fileno())  # (if no request came)
+        close_all([*ps, (req, client)])
+
+
+def test_a_turn_hands_out_what_fits_its_time_budget_in_order_none_lost():
+    """per_turn=64 with 1 ms of work per websocket end and a 3 ms budget: the
+    first turn (nothing measured yet) hands out 64, every later one at most
+    3 (a count alone: 64 per turn, 64 ms each). Every end is handled exactly
+    once, oldest first, and a request arriving meanwhile within a turn."""
+    loop = fairselect.new_loop(per_turn=64, budget=0.003)
+    try:
+        handled, turns, request_turn, order = _storm_on_a_loop(loop, 150, 0.001, request_at=70)
+    finally:
+        loop.close()
+    assert handled == order  # each once, in the order they became ready
+    per_turn = collections.Counter(turns)
+    counts = [per_turn[t] for t in sorted(per_turn)]
+    assert counts[0] == 64, counts
+    assert max(counts[1:]) <= 3, counts
+    assert len(counts) >= 1 + (150 - 64) // 3, counts
+    # The request came while the 71st end was handled: answered in the next
+    # turn at the latest, ahead of the ~80 ends still waiting.
+    assert request_turn and request_turn[0] <= turns[70] + 1, (request_turn, turns[70])
+
+
+def test_work_over_the_budget_still_hands_out_one_per_turn():
+    """Each end costs more than a whole turn's budget: one per turn, never
+    none (the storm ends), and the few that fit unmeasured go first."""
+    loop = fairselect.new_loop(per_turn=8, budget=0.001)
+    try:
+        handled, turns, _, order = _storm_on_a_loop(loop, 30, 0.003)
+    finally:
+        loop.close()
+    assert handled == order
+    counts = [n for _, n in sorted(collections.Counter(turns).items())]
+    assert counts[0] == 8 and set(counts[1:]) == {1}, counts
+    assert loop.chatd_selector.allowance == 1
+
+
+def test_cheap_work_keeps_the_count_and_the_next_storm_starts_afresh():
+    """Work well within the budget: per_turn each turn, as a count alone.
+    After a storm of costly work, a later storm is not held to its estimate."""
+    loop = fairselect.new_loop(per_turn=8, budget=0.5)
+    try:
+        handled, turns, _, order = _storm_on_a_loop(loop, 40, 0.0)
+        assert handled == order
+        assert sorted(collections.Counter(turns).values()) == [8] * 5
+        sel = loop.chatd_selector
+        sel.budget = 0.001
+        _storm_on_a_loop(loop, 20, 0.003)
+        assert sel.allowance == 1
+        sel.budget = 0.5
+        loop.run_until_complete(asyncio.sleep(0.01))  # a quiet turn or two
+        handled, turns, _, order = _storm_on_a_loop(loop, 24, 0.0)
+        assert handled == order
+        assert sorted(collections.Counter(turns).values()) == [8] * 3
+    finally:
+        loop.close()
