@@ -555,6 +555,18 @@ class ChatManagerMixin:
     def get_rooms(self, sid, namespace):
         return [r for r in self._rooms_of.get((namespace, sid), ()) if r is not None]
 
+    def leave_rooms_early(self, sid, namespace) -> None:
+        """A socket whose connection is over while its close waits its turn
+        (chatd.fairselect, in a storm; chatd.delivery drops its packets): out
+        of its rooms now, so broadcasts stop walking it. Profiled, 10,000
+        dropped sockets: the presence events of their disconnect batches
+        walked ~500,000 room entries of sockets still waiting. The
+        connection's own room (None) stays: its disconnect, in its turn,
+        needs it (and leaves the rest, if a join re-entered one meanwhile)."""
+        for room in list(self._rooms_of.get((namespace, sid), ())):
+            if room is not None:
+                self.basic_leave_room(sid, namespace, room)
+
     def chat_rooms(self, sid: str, namespace: str = "/") -> set[str]:
         """The chat rooms (``chat:*``) the socket is in."""
         rooms = self._rooms_of.get((namespace, sid), ())
