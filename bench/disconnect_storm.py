@@ -339,7 +339,7 @@ def serve_traced(out: str) -> None:
     it: less means the machine ran something else meanwhile), the time outside
     its callbacks (select(), parking), how many callbacks it ran and the time
     spent per callback (by function name), longest first; then the garbage
-    collections over 5 ms and how many websocket events waited their turn;
+    collections over 5 ms and how many selects left websocket events waiting;
     then one line for every turn of the storm: their number, wall and CPU
     time, a histogram of their durations and the time per callback."""
     import gc
@@ -433,7 +433,7 @@ def serve_traced(out: str) -> None:
     def dump(*_):
         state["on"] = False
         selector = getattr(asyncio.get_event_loop(), "chatd_selector", None)
-        long_turns.append({"deferred_total": getattr(selector, "deferred_total", None),
+        long_turns.append({"storm_turns": getattr(selector, "storm_turns", None),
                            "gc_over_5ms": gc_times})  # fmt: skip
         top = sorted(callbacks.items(), key=lambda kv: -kv[1][1])[:15]
         long_turns.append({

@@ -61,7 +61,7 @@ def test_a_storm_is_handed_out_per_turn_with_other_descriptors_first():
         # Each end-of-file handed out exactly once, although the waiting ones
         # stayed ready (level-triggered) the whole time.
         assert sorted(seen) == sorted(a.fileno() for a, _ in bulk)
-        assert sel.deferred_total == 26
+        assert sel.storm_turns == 7  # 4 per select while more waited: 7 times
     finally:
         sel.close()
         close_all(bulk + other)
@@ -76,11 +76,11 @@ def test_few_events_pass_unchanged_and_unmarked_descriptors_never_wait():
         for _, b in ps:
             b.send(b"x")
         assert len(sel.select(0)) == 10  # none marked bulk: all at once
-        assert sel.deferred_total == 0
+        assert sel.storm_turns == 0
         for a, _ in ps[:3]:
             sel.mark_bulk(a.fileno())
         assert len(sel.select(0)) == 10  # 3 bulk events fit in a turn
-        assert sel.deferred_total == 0
+        assert sel.storm_turns == 0
         # A mark outlives asyncio's unregister/register of a paused reader
         # (Tornado between reads); it goes only with unmark_bulk.
         for a, _ in ps:
@@ -88,13 +88,13 @@ def test_few_events_pass_unchanged_and_unmarked_descriptors_never_wait():
             sel.register(a, selectors.EVENT_READ)
             sel.mark_bulk(a.fileno())
         assert len(sel.select(0)) == 4
-        assert sel.deferred_total == 6
+        assert sel.storm_turns == 1
         for a, _ in ps:
             sel.unmark_bulk(a.fileno())
         for _ in range(3):
             sel.select(0)  # the 6 waiting ones come back
         assert len(sel.select(0)) == 10  # unmarked: all at once again
-        assert sel.deferred_total == 6
+        assert sel.storm_turns == 1
     finally:
         sel.close()
         close_all(ps)
@@ -164,43 +164,51 @@ def test_asyncio_loop_answers_a_request_arriving_during_a_storm_within_turns():
         loop.run_until_complete(asyncio.wait_for(done, 10))
         assert order.count("ws") == 200
         assert "request" in order[:33], order.index("request")
-        assert loop.chatd_selector.deferred_total >= 200 - 16
+        assert loop.chatd_selector.storm_turns >= (200 - 16) // 16
     finally:
         loop.close()
         close_all([*ps, (req, client)])
 
 
-def test_peer_gone_only_for_a_waiting_descriptor_whose_peer_ended():
-    """What DirectSocket asks before writing during a storm: a waiting
-    descriptor with only the end to read is gone; one with data first, or
-    not waiting, is not (and the peek consumes nothing)."""
+def test_peer_gone_only_for_a_websocket_during_a_storm_whose_peer_ended():
+    """What DirectSocket asks before writing during a storm: a websocket with
+    only the end to read is gone; one with data first, an idle one, or any
+    descriptor not marked bulk is not (and the peek consumes nothing); and
+    not before websocket events have waited STORM_RUN selects in a row (a
+    burst is not a storm)."""
     loop = fairselect.new_loop(per_turn=1, budget=None)
     sel = loop.chatd_selector
-    ps = pairs(4)
-    lead, ended, talked, idle = ps
+    storm = pairs(10)
+    ended, talked, idle = pairs(3)
+    ((plain, plain_peer),) = pairs(1)
     try:
-        for a, _ in ps:
+        for a, _ in [*storm, ended, talked, idle]:
             sel.register(a, selectors.EVENT_READ)
             sel.mark_bulk(a.fileno())
-        assert not fairselect.storming()
-        lead[1].send(b"x")  # ready first: handed out (epoll keeps ready order)
+        sel.register(plain, selectors.EVENT_READ)
+        for _, b in storm:
+            b.close()
         ended[1].close()
         talked[1].send(b"42")
         talked[1].close()
-        first = sel.select(0)
-        assert [k.fd for k, _ in first] == [lead[0].fileno()]
+        plain_peer.close()
+        assert not fairselect.storming()
+        for _ in range(fairselect.STORM_RUN):
+            assert not fairselect.peer_gone(ended[0])  # a burst, not yet a storm
+            assert [k.data for k, _ in sel.select(0)].count(None) == 2  # plain + 1 bulk
         assert fairselect.storming()
-        for a, _ in (ended, talked):
-            assert fairselect.waiting(a.fileno())
         assert fairselect.peer_gone(ended[0])
         assert not fairselect.peer_gone(talked[0])
         assert talked[0].recv(10) == b"42"  # the peek took nothing
-        assert not fairselect.peer_gone(idle[0])  # not waiting
-        lead[1].close()
-        assert not fairselect.peer_gone(lead[0])  # its turn came: not waiting
+        assert not fairselect.peer_gone(idle[0])  # nothing to read
+        assert not fairselect.peer_gone(plain)  # not a websocket
+        for _ in range(20):  # handled as Tornado does an end: unregistered
+            for key, _ in sel.select(0):
+                sel.unregister(key.fileobj)
+        assert not fairselect.storming()  # every end handed out: over
     finally:
         loop.close()
-        close_all(ps)
+        close_all([*storm, ended, talked, idle, (plain, plain_peer)])
     assert not fairselect.storming()  # the loop's selector is closed
 
 
