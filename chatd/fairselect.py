@@ -12,28 +12,33 @@ waits behind them (a send: 1.1-1.3 s).
 :class:`FairSelector` is the selector chatd's loop is built with
 (``asyncio.SelectorEventLoop(selector)``, asyncio's own extension point). A
 websocket's descriptor is marked *bulk* (:func:`mark_bulk`, by chatd's
-websocket handler once the connection is upgraded). While one ``select()``
-reports at most ``per_turn`` bulk events and none are waiting, it changes
-nothing. Past that, the bulk events beyond ``per_turn`` are taken out of the
-kernel's epoll set (``EPOLL_CTL_DEL``: a level-triggered end-of-file would
-otherwise be reported again on every call) and queued in arrival order; each
-later ``select()`` polls without blocking, returns everything else the kernel
-reports (HTTP requests, the listening socket, PostgreSQL and Redis) at once,
-and hands back at most ``per_turn`` of the waiting websocket events, putting
-each descriptor back in the kernel's set as it does. So a storm costs each
-turn ``per_turn`` websockets' worth of work, and a request arriving during it
-is answered in the next turn instead of after the whole storm.
+websocket handler once the connection is upgraded) and moves to an epoll set
+of its own, which is itself registered in the main set: the main poll
+reports every other descriptor (HTTP requests, the listening socket,
+PostgreSQL, Redis) and, as one readable descriptor, "some websocket has an
+event". Each ``select()`` then polls the websockets' set for at most the
+turn's *allowance*: the kernel hands out that many, oldest first, and keeps
+the rest in its ready list for the next turns (a level-triggered descriptor
+reported and still ready goes to the end of it). Nothing is taken out of the
+kernel's sets or queued in Python, so a storm costs each ``select()`` only
+what it hands out.
+
+The allowance is ``per_turn`` (16) at most, and while websocket events wait
+it is what fits ``budget`` (2 ms) of loop time at the time per websocket
+event the last turns measured (at least one): a websocket's end costs ~0.1-0.2
+ms spread over several turns, more when the machine is busy (the kernel
+tearing 10,000 connections down on the same cores) or when requests share
+the turns, and a request needs several turns (a send ~6-8).
 
 The mark is the websocket's: set when its handshake is done, dropped by
 :func:`unmark_bulk` when its handler closes (asyncio unregisters and
 registers a descriptor again whenever Tornado stops and resumes reading, so
 the selector's own unregister cannot tell an end from a pause).
 
-A descriptor's events are never lost: the event it was reported with is
-delivered later, and whatever arrived meanwhile is read then (the callback
-reads until EAGAIN). A descriptor unregistered or modified while it waits is
-simply dropped from the queue (unregistered) or put back in the kernel's set
-(modified), so the loop's view and the kernel's always agree.
+A descriptor's events are never lost: epoll reports what is ready when it is
+polled, a descriptor moved between the sets is reported by the one it joins,
+and its callback reads until EAGAIN. A descriptor unregistered while it
+waits simply leaves the kernel's set (closed, the kernel forgets it).
 """
 
 from __future__ import annotations
@@ -53,10 +58,8 @@ import time
 BULK_PER_TURN = 16
 # Within that, how much loop time a turn should take while websocket events
 # wait: each select() hands out as many as the last turns' measured time per
-# websocket event fits in this (at least one). A websocket's end costs ~0.1-0.2
-# ms of CPU spread over several turns, more when the machine is busy (the
-# kernel tearing 10,000 connections down on the same cores) or when requests
-# share the turns; a count alone made turns of 20-60 ms then.
+# websocket event fits in this (at least one). A count alone made turns of
+# 20-60 ms when the machine was busy.
 TURN_BUDGET = 0.002
 # The turns that estimate: a websocket event's work spreads over the next 3-5
 # turns (its end, Tornado's close, engine.io's and python-socketio's).
