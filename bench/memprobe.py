@@ -2,10 +2,21 @@
 
 python bench/memprobe.py            # serves on CHATPORT with the usual env
 kill -USR1 <pid>                    # after opening N idle sockets: prints the
-                                    # allocation growth since start-up, by line
+                                    # allocation growth since start-up, by line,
+                                    # and the tasks and suspended coroutines
+                                    # alive per socket (gc)
+
+e.g. with bench/.kit (bench/kit.sh): node bench/.kit/load/bench.js --url
+http://127.0.0.1:$CHATPORT --secret "$ACCESS_TOKEN_SECRET" --scenario conns
+--hold 30, and the signal once the 2,000 sockets are open. tracemalloc counts
+Python's allocations only (and slows chatd ~3x): the RSS per connection that
+the conns scenario reports (with --pid, on a chatd without tracemalloc) is
+the figure to compare with the peer.
 """
 
 import asyncio
+import gc
+import inspect
 import signal
 import sys
 import tracemalloc
@@ -36,6 +47,15 @@ async def main() -> None:
             print(f"{s.size_diff / max(sockets, 1):8.0f} B/sock  count={s.count_diff}", flush=True)
             for line in s.traceback.format()[-6:]:
                 print("      " + line, flush=True)
+        per = max(sockets, 1)
+        tasks = len(asyncio.all_tasks())
+        coros = sum(
+            1
+            for o in gc.get_objects()
+            if inspect.iscoroutine(o) and inspect.getcoroutinestate(o) == "CORO_SUSPENDED"
+        )
+        print(f"tasks={tasks} ({tasks / per:.2f} per socket) suspended coroutines={coros} "
+              f"({coros / per:.2f} per socket)", flush=True)  # fmt: skip
         by_file = snap.compare_to(base, "filename")
         print("--- by file", flush=True)
         for s in by_file[:15]:

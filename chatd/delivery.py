@@ -127,49 +127,65 @@ hostile = HostileLog(logging.getLogger("chatd.realtime"))
 
 
 class DirectSocket(AsyncSocket):
-    """An engine.io socket whose packets skip the writer task when they can.
+    """An engine.io socket whose websocket is driven by callbacks: no reader
+    coroutine and no writer task live while the socket is idle.
 
-    engine.io (python-engineio's ``AsyncSocket``) sends every packet through
-    the socket's queue: ``send()`` puts it there and a writer task per
-    websocket wakes up, takes it (``poll()``), encodes it and writes the frame.
-    Under fanout that is a wake-up per socket per event (10,000 a second at 500
-    sockets and 20 messages/s), and on Python 3.11 ``poll()``'s
-    ``asyncio.wait_for`` creates one more Task per wake-up.
+    engine.io (python-engineio's ``AsyncSocket``) serves a websocket with two
+    coroutine chains that last as long as it: the connect (or upgrade)
+    request's handling, suspended in ``_websocket_handler``'s reader loop on
+    the next frame, and a writer task parked on the socket's queue. Held by
+    every idle websocket, with the frames and locals they keep (the request's
+    environ, the driver's wrapper), they were most of its memory
+    (docs/PERFORMANCE.md, "conns"). Here, once the websocket is the socket's
+    transport, ``_websocket_handler`` returns and:
 
-    Two changes, each keeping engine.io's order of packets on the socket:
+    - **Reading**: each frame comes from Tornado's ``on_message`` (chatd's
+      handler, chatd.server, with frames read from callbacks by
+      chatd.wsframes) to :meth:`_on_frame`. Frames are handled one after the
+      other in arrival order, each ``receive()`` finished before the next
+      starts, as engine.io's reader did: by a task that exists only while
+      frames are waiting (a socket.io CONNECT waits for its room's
+      subscription; an event sent right behind it waits for that). A pong
+      with nothing ahead of it is handled in the callback itself. The
+      connection's end (``None`` from ``on_close``) is handled in its turn
+      after the frames before it, exactly as engine.io's reader ended
+      (:meth:`_end`).
+    - **Writing, the direct path**: a packet sent while nothing is queued,
+      to a websocket that is upgraded and not closing, is encoded and framed
+      at once, in the caller's call (``_write`` is the websocket's
+      synchronous ``write_message`` while that path is open). Under fanout
+      that saves a writer wake-up per socket per event.
+    - **Writing, queued**: anything put on the socket's queue (engine.io's
+      own packets while it closes, a packet whose direct write failed, what
+      was queued during an upgrade) makes the queue call
+      :meth:`_schedule_flush`; in a later loop turn :meth:`_flush` writes
+      everything queued, in order, and reopens the direct path. Until then
+      the queue is not empty, so every packet sent meanwhile is queued
+      behind: events, acks and pings of one socket keep the order they were
+      sent in. A ``None`` taken off the queue, or a write that fails, ends
+      the writing and closes the websocket, as engine.io's writer did.
 
-    - **The direct path.** While the writer is parked on an empty queue, with
-      nothing in its hands, a packet sent to a websocket that is fully
-      upgraded and not closing is encoded and framed at once, in the caller's
-      call. ``_write`` is the websocket's (synchronous) ``write_message``
-      exactly while that holds: ``poll()`` sets it when it finds the queue
-      empty and waits, and clears it as soon as it takes a packet off the
-      queue, before it writes anything. So a packet is written directly only
-      when nothing is queued ahead of it nor being written, and once one
-      packet is queued (an upgrade in progress, a close, a write that
-      failed), every later packet is queued behind it until the writer has
-      written them all and parks again. Events, acks and pings of one socket
-      all take this same ``send()``, so they keep the order they were sent
-      in. Long-polling, the upgrade handshake and closing use engine.io's
-      own code unchanged (``_write`` is never set for them).
-    - **A writer that waits on the queue itself** (only a websocket's writer:
-      a long-polling GET keeps engine.io's ``poll()`` and its timeout, which
-      ends a poll nobody answers). engine.io's writer gave up after
-      ``ping_interval + ping_timeout`` without a packet; since pings may now
-      be written directly, its queue can stay empty much longer, and that
-      timeout would close a healthy connection. The reader's own timeout
-      (the client's pongs stop) and ``check_ping_timeout()`` still end a dead
-      connection, and its end wakes the writer with the ``None`` it queues.
-
+    Long-polling and the upgrade's probe handshake are engine.io's own.
     engine.io has no factory for its sockets: :class:`EngineServer` makes each
     new socket a DirectSocket (see there).
     """
 
-    # The websocket's write_message while the writer is parked on an empty
-    # queue (the direct path is open); None otherwise.
+    # The websocket's write_message while the direct path is open; else None.
     _write = None
-    # The write_message of the websocket this socket's writer (will) write to.
-    _ws_write = None
+    # The Tornado handler of this socket's websocket (once it is served here).
+    _ws_handler = None
+    # Set when the websocket's connection is over (its reader ended): packets
+    # for it are dropped at once instead of written to a dead stream (a mass
+    # disconnect: the rooms still hold the sockets waiting for their close).
+    _ended = False
+    # Frames waiting for the reading task, while it runs (None otherwise).
+    _inbox = None
+    # The connection's end has been read: later frames are ignored.
+    _reading_over = False
+    # The loop's handle of a scheduled _flush.
+    _flush_handle = None
+    # The writing ended (a None was written, or a write failed).
+    _writer_over = False
 
     async def send(self, pkt):
         """Send a packet: written now when the direct path is open, else queued
@@ -186,6 +202,7 @@ class DirectSocket(AsyncSocket):
         due = self.closed or (last_ping and time.time() - last_ping > self.server.ping_timeout)
         if due and not await self.check_ping_timeout():
             return
+        # _write_now, inline: this is every delivery's path under fanout.
         write = self._write
         if write is not None and not self.closing and self.queue.empty():
             try:
@@ -194,12 +211,26 @@ class DirectSocket(AsyncSocket):
                 self.server.direct_writes += 1
                 return
             except Exception:
-                # A closed websocket, typically. Not raised to the caller (a
-                # broadcast would stop short of the other sockets): queued, the
-                # packet meets the same failure in the writer, which ends the
-                # connection as engine.io does.
-                self._write = None
+                self._write = None  # see _write_now
         await self.queue.put(pkt)
+
+    def _write_now(self, pkt) -> bool:
+        """Write ``pkt`` on the direct path if it is open (see the class)."""
+        write = self._write
+        if write is None or self.closing or not self.queue.empty():
+            return False
+        try:
+            data = pkt.encode()
+            write(data, binary=isinstance(data, bytes))
+        except Exception:
+            # A closed websocket, typically. Not raised to the caller (a
+            # broadcast would stop short of the other sockets): queued, the
+            # packet meets the same failure in _flush, which ends the
+            # connection as engine.io's writer does.
+            self._write = None
+            return False
+        self.server.direct_writes += 1
+        return True
 
     def _peer_gone(self) -> bool:
         """During a storm (chatd.fairselect): whether this websocket's
@@ -216,33 +247,6 @@ class DirectSocket(AsyncSocket):
         sock = getattr(getattr(conn, "stream", None), "socket", None)
         return sock is not None and fairselect.peer_gone(sock)
 
-    async def poll(self):
-        if not self.upgraded:  # long-polling: engine.io's own
-            return await super().poll()
-        queue = self.queue
-        if queue.empty():
-            self._write = self._ws_write  # parked, nothing in hand: open
-            try:
-                first = await queue.get()
-            except asyncio.CancelledError:
-                raise exceptions.QueueEmpty() from None
-            finally:
-                self._write = None  # closed before anything is written
-        else:
-            first = queue.get_nowait()
-        queue.task_done()
-        if first is None:
-            return []
-        packets = [first]
-        while not queue.empty():
-            pkt = queue.get_nowait()
-            queue.task_done()
-            if pkt is None:
-                queue.put_nowait(None)  # the next poll ends the writer
-                break
-            packets.append(pkt)
-        return packets
-
     # -- pings: a timer per socket, not a sleeping task ------------------------
 
     def schedule_ping(self):
@@ -253,10 +257,14 @@ class DirectSocket(AsyncSocket):
             asyncio.get_running_loop().call_later(self.server.ping_interval, self._ping_due)
 
     def _ping_due(self) -> None:
-        # engine.io's _send_ping after its sleep.
+        # engine.io's _send_ping after its sleep; on the direct path without a
+        # task when it is open (send() would write it there too).
         if not self.closing and not self.closed:
             self.last_ping = time.time()
-            task = asyncio.ensure_future(self.send(eio_packet.Packet(eio_packet.PING)))
+            ping = eio_packet.Packet(eio_packet.PING)
+            if not self._ended and not fairselect.storming() and self._write_now(ping):
+                return
+            task = asyncio.ensure_future(self.send(ping))
             _pinging.add(task)
             task.add_done_callback(_pinging.discard)
 
@@ -264,54 +272,52 @@ class DirectSocket(AsyncSocket):
         if await super().check_ping_timeout():
             return True
         # The client stopped answering pings and engine.io closed the socket.
-        # Close its websocket too: the reader (which waits without a timeout
-        # of its own, see _websocket_handler) then ends, as a half-open
-        # connection gives it nothing else to end on.
+        # Close its websocket too: nothing else ends a half-open connection's
+        # reading, and its end (see _end) finishes the socket.
         handler = self._ws_handler
         if handler is not None:
             handler.close()
         return False
 
-    # -- the websocket: reader and writer -------------------------------------
-
-    # The Tornado handler of the websocket this socket's writer writes to.
-    _ws_handler = None
-    # Set when the websocket's connection is over (its reader ended): packets
-    # for it are dropped at once instead of written to a dead stream (a mass
-    # disconnect: the rooms still hold the sockets waiting for their close).
-    _ended = False
+    # -- the websocket ---------------------------------------------------------
 
     async def _websocket_handler(self, ws):
-        """engine.io's AsyncSocket._websocket_handler (python-engineio 4.x),
-        with the reader waiting for each message directly: engine.io wraps
-        every wait in a task of its own under ``asyncio.wait_for`` (~1.8 KB
-        held by every idle socket, and a task per message received). Its
-        timeout, which ended a connection that sent nothing for ping_interval
-        + ping_timeout, is kept by engine.io's service task instead: it closes
-        a socket whose client stopped answering pings, and
-        :meth:`check_ping_timeout` then closes the websocket, which ends the
-        reader. Everything else is engine.io's, in the same order."""
-        # The websocket this socket's writer will write to. Tornado's
-        # write_message frames the message and hands it to the stream before
-        # it returns (with or without compression; only the returned future,
-        # which engine.io never awaits either, completes later), so a direct
-        # write has taken its place in the stream when the call returns. Only
-        # the first websocket handler of a socket owns it (engine.io refuses a
-        # second upgrade once one succeeded).
+        """engine.io's AsyncSocket._websocket_handler (python-engineio 4.x) up
+        to the websocket becoming the socket's transport (the upgrade's probe
+        handshake, unchanged); then, instead of a reader loop and a writer
+        task, the callbacks described in the class docstring, and it returns:
+        the connect (or upgrade) request's handling ends here."""
         handler = getattr(ws, "tornado_handler", None)
-        owner = self._ws_write is None and handler is not None
-        if owner:
-            self._ws_write = handler.write_message
-            self._ws_handler = handler
-        try:
-            return await self._serve_websocket(ws)
-        finally:
-            if owner:
-                self._ws_write = None
-                self._write = None
-                self._ws_handler = None
+        inbox = getattr(handler, "receive_queue", None)
+        if not hasattr(inbox, "sink"):  # pragma: no cover - not chatd's handler
+            return await super()._websocket_handler(ws)
+        if self._ws_handler is not None:
+            # A second websocket while one is being upgraded to (or served):
+            # engine.io allows one transport upgrade; this one is refused.
+            handler.close()
+            return
+        self._ws_handler = handler
+        if not await self._handshake(ws):
+            self._ws_handler = None
+            return
+        queue = self.queue
+        self._write = handler.write_message
+        queue.on_put = self._schedule_flush
+        if not queue.empty():
+            self._schedule_flush()  # the OPEN packet, or what waited for the upgrade
+        self.server.logger.info("%s: Upgrade to websocket successful", self.sid)
+        served = getattr(handler, "served", None)
+        if served is not None:
+            served()  # the upgrade request's leftovers go (chatd.server)
+        early = inbox.take()
+        inbox.sink = self._on_frame
+        for data in early:
+            self._on_frame(data)
 
-    async def _serve_websocket(self, ws):
+    async def _handshake(self, ws) -> bool:
+        """engine.io's: a new connection is connected at once; an upgrade from
+        long-polling waits for the client's probe and its UPGRADE packet.
+        False when the upgrade did not happen."""
         server = self.server
 
         async def websocket_wait():
@@ -320,94 +326,146 @@ class DirectSocket(AsyncSocket):
                 raise ValueError("packet is too large")
             return data
 
-        if self.connected:
-            # the socket was already connected, so this is an upgrade
-            self.upgrading = True  # hold packet sends during the upgrade
-            try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                return
-            decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
-            if decoded_pkt.packet_type != eio_packet.PING or decoded_pkt.data != "probe":
-                server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
-                self.upgrading = False
-                return
-            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
-            await self.queue.put(eio_packet.Packet(eio_packet.NOOP))  # end poll
-            try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                self.upgrading = False
-                return
-            decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
-            if decoded_pkt.packet_type != eio_packet.UPGRADE:
-                self.upgraded = False
-                server.logger.info(
-                    "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
-                    self.sid, pkt,
-                )  # fmt: skip
-                self.upgrading = False
-                return
-            self.upgraded = True
-            self.upgrading = False
-        else:
+        if not self.connected:
             self.connected = True
             self.upgraded = True
+            return True
+        # the socket was already connected, so this is an upgrade
+        self.upgrading = True  # hold packet sends during the upgrade
+        try:
+            pkt = await websocket_wait()
+        except OSError:  # pragma: no cover
+            return False
+        decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
+        if decoded_pkt.packet_type != eio_packet.PING or decoded_pkt.data != "probe":
+            server.logger.info("%s: Failed websocket upgrade, no PING packet", self.sid)
+            self.upgrading = False
+            return False
+        await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+        await self.queue.put(eio_packet.Packet(eio_packet.NOOP))  # end poll
+        try:
+            pkt = await websocket_wait()
+        except OSError:  # pragma: no cover
+            self.upgrading = False
+            return False
+        decoded_pkt = eio_packet.Packet(encoded_packet=pkt)
+        if decoded_pkt.packet_type != eio_packet.UPGRADE:
+            self.upgraded = False
+            server.logger.info(
+                "%s: Failed websocket upgrade, expected UPGRADE packet, received %s instead.",
+                self.sid, pkt,
+            )  # fmt: skip
+            self.upgrading = False
+            return False
+        self.upgraded = True
+        self.upgrading = False
+        return True
 
-        async def writer():
-            while True:
-                packets = None
-                try:
-                    packets = await self.poll()
-                except exceptions.QueueEmpty:
-                    break
-                if not packets:
-                    break  # empty packet list returned -> connection closed
-                try:
-                    for pkt in packets:
-                        await ws.send(pkt.encode())
-                except Exception:
-                    break
-            await ws.close()
+    # -- reading: frames from Tornado's on_message ------------------------------
 
-        writer_task = asyncio.ensure_future(writer())
-        server.logger.info("%s: Upgrade to websocket successful", self.sid)
+    def _on_frame(self, data) -> None:
+        """A frame's text (or bytes), or None for the connection's end."""
+        if self._reading_over:
+            return
+        inbox = self._inbox
+        if inbox is not None:  # the reading task has frames ahead of this one
+            inbox.append(data)
+            return
+        if data == "3":  # a pong with nothing ahead: engine.io's receive() of it
+            self.schedule_ping()
+            return
+        self._inbox = [data]
+        task = asyncio.ensure_future(self._read_frames())
+        _reading.add(task)
+        task.add_done_callback(_reading.discard)
 
-        while True:
-            try:
-                p = await websocket_wait()
-            except asyncio.CancelledError:  # pragma: no cover - as engine.io
+    async def _read_frames(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            data = inbox.pop(0)
+            if data is None or not await self._receive_frame(data):
+                self._reading_over = True
+                self._inbox = None
+                await self._end()
+                return
+        self._inbox = None
+
+    async def _receive_frame(self, p) -> bool:
+        """engine.io's reader loop body for one frame; False ends the connection."""
+        server = self.server
+        if not isinstance(p, (str, bytes)) or len(p) > server.max_http_buffer_size:
+            return False  # engine.io: the wait raised, and the reader ended
+        try:
+            pkt = eio_packet.Packet(encoded_packet=p)
+        except Exception:  # not an engine.io packet (engine.io: a traceback)
+            hostile("not an engine.io packet", self.sid)
+            return False
+        try:
+            await self.receive(pkt)
+        except exceptions.UnknownPacketError:  # pragma: no cover
+            pass
+        except exceptions.SocketIsClosedError:  # pragma: no cover
+            server.logger.info("Receive error -- socket is closed")
+            return False
+        except Exception as exc:
+            # engine.io logged a traceback per frame; chatd's handlers raise
+            # nothing on hostile input, so this is one short line, and the end.
+            hostile(f"receive error {type(exc).__name__}", self.sid)
+            return False
+        return True
+
+    async def _end(self) -> None:
+        """The connection is over: engine.io's reader end, in the same order
+        (what is queued is written and the websocket closed, then the socket
+        is closed, which runs the disconnect handlers, then it leaves the
+        server's table). When thousands end at once (a load balancer restart),
+        closing them all in the same loop turns would hold every request
+        behind them: at most CLOSES_PER_TURN go on per turn."""
+        self._ended = True
+        server = self.server
+        await server.closing_turns.wait()
+        self.queue.put_nowait(None)  # the writing ends after what is queued
+        self._flush()
+        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+        self._write = None
+        self._ws_handler = None
+        self.queue.on_put = None
+        if self.closed and server.sockets.get(self.sid) is self:
+            del server.sockets[self.sid]  # as engine.io once its handler returned
+
+    # -- writing: the direct path, and what is queued ---------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self._writer_over:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write everything queued, in order, then reopen the direct path; a
+        None or a failed write ends the writing and closes the websocket."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush_handle = None
+        handler = self._ws_handler
+        if self._writer_over or handler is None:
+            return
+        queue = self.queue
+        self._write = None
+        while not queue.empty():
+            pkt = queue.get_nowait()
+            queue.task_done()
+            if pkt is None:
                 break
+            try:
+                data = pkt.encode()
+                handler.write_message(data, binary=isinstance(data, bytes))
             except Exception:
                 break
-            if p is None:
-                break  # connection closed by client
-            try:
-                pkt = eio_packet.Packet(encoded_packet=p)
-            except Exception:  # not an engine.io packet (engine.io: a traceback)
-                hostile("not an engine.io packet", self.sid)
-                break
-            try:
-                await self.receive(pkt)
-            except exceptions.UnknownPacketError:  # pragma: no cover
-                pass
-            except exceptions.SocketIsClosedError:  # pragma: no cover
-                server.logger.info("Receive error -- socket is closed")
-                break
-            except Exception as exc:
-                # engine.io logged a traceback per frame; chatd's handlers raise
-                # nothing on hostile input, so this is one short line, and the end.
-                hostile(f"receive error {type(exc).__name__}", self.sid)
-                break
-
-        # The connection is over. When thousands end at once (a load balancer
-        # restart), closing them all in the same loop turns would hold every
-        # request behind them: at most CLOSES_PER_TURN go on per turn.
-        self._ended = True
-        await server.closing_turns.wait()
-        await self.queue.put(None)  # unlock the writer task so it can exit
-        await writer_task
-        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+        else:
+            self._write = handler.write_message
+            return
+        self._writer_over = True
+        handler.close()
 
 
 class Turns:
@@ -452,6 +510,8 @@ CLOSES_PER_TURN = 32
 
 # Pings being sent (a task each, kept referenced until it is done).
 _pinging: set[asyncio.Task] = set()
+# Sockets' reading tasks, while they have frames to handle (referenced until done).
+_reading: set[asyncio.Task] = set()
 
 
 class EngineServer(engineio.AsyncServer):
@@ -549,15 +609,19 @@ class SocketQueue:
     put_nowait, get, get_nowait, empty, qsize, task_done, join), with the same
     semantics, in a fraction of the memory. Every socket has one, mostly idle:
     asyncio.Queue keeps four deques (~760 B each, even when empty) and an
-    Event; this keeps a list, and futures only while someone waits."""
+    Event; this keeps a list, and futures only while someone waits. Plus
+    ``on_put``, a callback after every put (a websocket's writing has no task
+    waiting on the queue, see DirectSocket)."""
 
-    __slots__ = ("_getters", "_items", "_joiners", "_unfinished")
+    __slots__ = ("_getters", "_items", "_joiners", "_unfinished", "on_put")
 
     def __init__(self):
         self._items: list = []
         self._getters: list[asyncio.Future] | None = None
         self._joiners: list[asyncio.Future] | None = None
         self._unfinished = 0
+        # Called after every put (DirectSocket: its websocket's writing).
+        self.on_put = None
 
     def qsize(self) -> int:
         return len(self._items)
@@ -569,6 +633,8 @@ class SocketQueue:
         self._items.append(item)
         self._unfinished += 1
         self._wake_getter()
+        if self.on_put is not None:
+            self.on_put()
 
     async def put(self, item) -> None:
         self.put_nowait(item)

@@ -33,10 +33,8 @@ it ``message_not_found``), so its existence does not leak.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -134,6 +132,7 @@ class Posted:
     message: dict
     raw: bytes
     created: bool  # False: a repeat of an earlier client_id
+    replaced_mentions: list | None = None  # an edit's: the mentions it replaced
 
 
 @dataclass(slots=True)
@@ -155,19 +154,40 @@ class _Order:
     def __init__(self) -> None:
         self._locks: dict[str, list] = {}  # chat id -> [lock, holders and waiters]
 
-    @contextlib.asynccontextmanager
-    async def hold(self, chat_id: str) -> AsyncIterator[None]:
-        entry = self._locks.get(chat_id)
+    def hold(self, chat_id: str) -> _Held:
+        """``async with order.hold(chat_id):`` (a plain context manager class:
+        contextlib's generator-based one cost ~2% of a send's CPU)."""
+        return _Held(self._locks, chat_id)
+
+
+class _Held:
+    __slots__ = ("_chat_id", "_entry", "_locks")
+
+    def __init__(self, locks: dict[str, list], chat_id: str) -> None:
+        self._locks = locks
+        self._chat_id = chat_id
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._chat_id)
         if entry is None:
-            entry = self._locks[chat_id] = [asyncio.Lock(), 0]
+            entry = self._locks[self._chat_id] = [asyncio.Lock(), 0]
         entry[1] += 1
+        self._entry = entry
         try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._locks[chat_id]
+            await entry[0].acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        entry = self._entry
+        entry[1] -= 1
+        if not entry[1]:
+            del self._locks[self._chat_id]
 
 
 def _resolve(future: asyncio.Future, result: object) -> None:
@@ -557,7 +577,8 @@ class ChatService:
             else:
                 await self.events.message_updated(message, raw)
             if what == "m":
-                mine = Posted(message, raw, True)
+                replaced = row[1 + model.N_MSG] if len(row) > 1 + model.N_MSG else None
+                mine = Posted(message, raw, True, replaced)
         assert mine is not None
         return mine
 
@@ -623,15 +644,15 @@ class ChatService:
             raise Forbidden("only the sender may edit a message")
         if facts.deleted:
             raise message_not_found()
-        before = await self.storage.message(facts.id)
         posted = await self._commit(
             facts.chat_id, self.storage.edit_change(facts.chat_id, facts.id, text)
         )
         if posted is None:  # deleted in the meantime
             raise message_not_found()
         if posted.created:
-            # Only the users the edit newly mentions are told (docs/API-NOTES.md).
-            earlier = set(model.message(before)["mentions"]) if before is not None else set()
+            # Only the users the edit newly mentions are told (docs/API-NOTES.md),
+            # against the mentions it replaced, read in its own transaction.
+            earlier = set(posted.replaced_mentions or ())
             await self._mentioned(
                 posted.message, [u for u in posted.message["mentions"] if u not in earlier]
             )

@@ -320,10 +320,12 @@ class SQL:
         UNION ALL SELECT 'p', {MSG_COLS} FROM p AS m"""
 
     # An edit keeps the text it replaces (with when that text was written) in
-    # message_edits. The same text again changes nothing.
+    # message_edits. The same text again changes nothing. Its 'm' row also
+    # carries the mentions it replaced, read under the chat's lock (LOCK runs
+    # first): whom the edit newly mentions is exact however edits race.
     EDIT = f"""
         WITH t AS (
-            SELECT id, content, coalesce(edited_at, created_at) AS at FROM messages
+            SELECT id, content, coalesce(edited_at, created_at) AS at, mentions FROM messages
              WHERE id = %(id)s AND chat_id = %(chat_id)s AND NOT deleted
                AND content <> %(content)s
         ), v AS (
@@ -340,9 +342,9 @@ class SQL:
               FROM v WHERE m.id = %(id)s
          RETURNING m.*
         )
-        SELECT 'm', {MSG_COLS} FROM m
+        SELECT 'm', {MSG_COLS}, (SELECT mentions FROM t) FROM m
         UNION ALL
-        SELECT 'same', {MSG_COLS} FROM messages m
+        SELECT 'same', {MSG_COLS}, NULL FROM messages m
          WHERE m.id = %(id)s AND m.chat_id = %(chat_id)s AND NOT m.deleted
            AND NOT EXISTS (SELECT 1 FROM t)"""
 
@@ -600,6 +602,11 @@ class SQL:
     # docs/PERFORMANCE.md). Membership is still checked in the statement
     # itself, so a chat left in between is not searched.
     MY_CHATS = "SELECT cm.chat_id FROM chat_members cm WHERE cm.user_id = %(user_id)s"
+    # The same for the searches of one loop iteration (storage._MyChats).
+    MY_CHATS_MANY = """
+        SELECT q.i, cm.chat_id
+          FROM unnest(%(user_ids)s::text[]) WITH ORDINALITY AS q(user_id, i)
+          JOIN chat_members cm ON cm.user_id = q.user_id"""
     # A query with no word that must be present (only exclusions, only
     # stop-words, only operators) has no index condition (querytree 'T')
     # and matches nothing, rather than every message the caller can read.
@@ -705,6 +712,8 @@ class Q:
 
     ACCESS = Stmt("chatd_access", SQL.ACCESS)
     ACCESS_MANY = Stmt("chatd_access_many", SQL.ACCESS_MANY)
+    MY_CHATS = Stmt("chatd_my_chats", SQL.MY_CHATS)
+    MY_CHATS_MANY = Stmt("chatd_my_chats_many", SQL.MY_CHATS_MANY)
     SEND = Stmt("chatd_send", SQL.SEND)
     SEND_BATCH = Stmt("chatd_send_batch", SQL.SEND_BATCH)
     SEND_MANY = Stmt("chatd_send_many", SQL.SEND_MANY)

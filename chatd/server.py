@@ -41,8 +41,10 @@ import tornado.iostream
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+from tornado.httputil import HTTPHeaders
 
 from . import (
+    accesslog,
     cache,
     config,
     embedded,
@@ -54,6 +56,7 @@ from . import (
     realtime,
     sdnotify,
     web,
+    wsframes,
 )
 from .auth import TokenVerifier
 from .domain import ChatService
@@ -62,6 +65,11 @@ from .metrics import CountingEvents, Metrics
 from .storage import Storage
 
 log = logging.getLogger("chatd")
+
+# Seconds a connection may wait for a request head (idle keep-alive, or a head
+# that trickles in) before it is closed; longer than the 60 s keep-alive
+# timeout of nginx's upstream and of most client pools, so that they close first.
+IDLE_CONNECTION_TIMEOUT = 75.0
 
 # Attributes every LogRecord has; anything else was passed in ``extra=``.
 _RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -126,7 +134,9 @@ def _password(url: str | None) -> str | None:
 
 
 def setup_logging(settings: config.Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # One handler for every record, which also writes the access lines
+    # (chatd.accesslog: formatted directly, written once per loop turn).
+    handler = accesslog.LogHandler(sys.stderr, settings.log_format == "json", redact)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -247,7 +257,7 @@ class Chatd:
             # Bodies stream through BaseHandler, which answers 413 past 64 KiB;
             # this only cuts off a client that keeps sending after that.
             max_body_size=1024 * 1024,
-            idle_connection_timeout=75,
+            idle_connection_timeout=IDLE_CONNECTION_TIMEOUT,
             # A body not received within this is answered 408 (chatd.httpconn).
             body_timeout=s.body_timeout,
         )
@@ -298,6 +308,47 @@ class Chatd:
                     fairselect.unmark_bulk(asyncio.get_running_loop(), self._bulk_fd)
                     self._bulk_fd = None
                 super().on_close()
+
+            def get_websocket_protocol(self):
+                # Tornado's protocol with frames read from callbacks: the
+                # upgrade request's handling ends once the websocket is open
+                # instead of lasting as long as it (chatd.wsframes).
+                if self.request.headers.get("Sec-WebSocket-Version") != "13":
+                    return None
+                params = tornado.websocket._WebSocketParams(
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    max_message_size=self.max_message_size,
+                    compression_options=self.get_compression_options(),
+                )
+                return wsframes.EventWebSocketProtocol(self, False, params)
+
+            def served(self):
+                # Called once engine.io has taken the websocket over
+                # (chatd.delivery.DirectSocket): what only the upgrade request
+                # needed goes. Tornado keeps the request's parsed headers twice
+                # (the request's and its connection's), and the 101's own.
+                self.request.headers = HTTPHeaders()
+                conn = self.request.connection
+                if getattr(conn, "_request_headers", None) is not None:
+                    conn._request_headers = None
+                self._headers = HTTPHeaders()
+                # The stream's two deques (pending writes, their futures) are
+                # ~0.7 KB each even when empty, for a connection that mostly
+                # writes nothing: _SmallDeque is ~0.1 KB. (Tornado internals:
+                # IOStream._write_futures, _StreamBuffer._buffers and
+                # HTTP1Connection._request_headers; tests/test_websocket_transport.py
+                # and every websocket test run through them.)
+                stream = getattr(self.ws_connection, "stream", None)
+                if stream is not None:
+                    stream._write_futures = _SmallDeque(stream._write_futures)
+                    buffer = stream._write_buffer
+                    buffer._buffers = _SmallDeque(buffer._buffers)
+
+            def on_message(self, message):
+                # engine.io's on_message is a coroutine, which Tornado runs in
+                # a Task of its own per frame received; queueing never waits.
+                self.receive_queue.put_nowait(message)
 
             def get_compression_options(self):
                 # permessage-deflate keeps a zlib stream per connection (~150 KB
@@ -449,17 +500,47 @@ def _engineio_error(status: int, body: bytes) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+class _SmallDeque(list):
+    """The part of collections.deque a Tornado stream's write queues use
+    (append, popleft, [0], [-1], len, iteration, clear), on a list: an empty
+    deque allocates a 64-slot block (~0.7 KB), an empty list nothing. Every
+    operation but popleft is the list's own (C) one; a class of its own with
+    a head index made popleft O(1) but cost ~0.6 us more per frame written
+    (~2% of a fanout delivery), this ~0.1 us. popleft is a list's pop(0):
+    linear in the backlog, which only a client that stops reading builds (a
+    10,000-frame backlog drains in ~9 ms of CPU in all; one that reads
+    nothing is closed by the ping timeout first)."""
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
 class _Inbox:
     """Incoming websocket frames, in order, for engine.io's reader (the part of
-    asyncio.Queue it uses: put, put_nowait, get)."""
+    asyncio.Queue it uses: put, put_nowait, get), until the engine.io socket
+    takes them from a callback (``sink``, set by chatd.delivery.DirectSocket
+    once the websocket is its transport): then each frame, and the ``None``
+    that ends the connection, go to the sink as they arrive."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "sink")
 
     def __init__(self):
         self._items: list = []
         self._waiter: asyncio.Future | None = None
+        self.sink = None
+
+    def take(self) -> list:
+        """What arrived and was not read yet (the sink gets the rest)."""
+        items, self._items = self._items, []
+        return items
 
     def put_nowait(self, item) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(item)
+            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -492,9 +573,7 @@ class HTTPServer(tornado.httpserver.HTTPServer):
         stream.set_nodelay(True)
         stream.set_nodelay = _nodelay_stays_on
         # Tornado's handle_stream, with chatd's connection class.
-        context = tornado.httpserver._HTTPRequestContext(
-            stream, address, self.protocol, self.trusted_downstream
-        )
+        context = httpconn.RequestContext(stream, address, self.protocol, self.trusted_downstream)
         ctx = getattr(self.request_callback, "settings", {}).get("chatd_ctx")
         context.chatd_cors = ctx.cors_origins if ctx is not None else ()
         conn = httpconn.ServerConnection(stream, self.conn_params, context)

@@ -119,6 +119,25 @@ class _AccessChecks(Coalescer):
         return [found.get(i) for i in range(1, len(calls) + 1)]
 
 
+class _MyChats(Coalescer):
+    """The chats each searcher of one loop iteration is a member of, as one
+    query (chatd.coalesce): a search reads them first (see queries.SQL's
+    SEARCH_MINE for why), so concurrent searches share that round trip."""
+
+    def __init__(self, storage: Storage):
+        super().__init__()
+        self._storage = storage
+
+    async def one(self, user_id: str) -> list[str]:
+        return [r[0] for r in await self._storage._all(Q.MY_CHATS, {"user_id": user_id})]
+
+    async def many(self, user_ids: list[str]) -> list[list[str]]:
+        found: list[list[str]] = [[] for _ in user_ids]
+        for i, chat_id in await self._storage._all(Q.MY_CHATS_MANY, {"user_ids": user_ids}):
+            found[i - 1].append(chat_id)
+        return found
+
+
 class _Sends(Coalescer):
     """Sends of one loop iteration, as one statement (chatd.coalesce): one
     transaction and one WAL flush for many chats. The domain sends to a chat
@@ -184,6 +203,7 @@ class Storage:
         self._clearing: asyncio.Future | None = None
         self.access_checks = _AccessChecks(self)
         self.sends = _Sends(self)
+        self.my_chats = _MyChats(self)
 
     @classmethod
     async def connect(cls, dsn: str, size: int = 20, query_timeout: float = 5.0) -> Storage:
@@ -303,7 +323,7 @@ class Storage:
                   "limit": limit, "ts_config": self.search_config}  # fmt: skip
         if chat_id is not None:
             return await self._all(SQL.SEARCH_CHAT, params)
-        params["chats"] = [r[0] for r in await self._all(SQL.MY_CHATS, params)]
+        params["chats"] = await self.my_chats.run(user_id)
         if not params["chats"]:
             return []
         return await self._all(SQL.SEARCH_MINE, params)

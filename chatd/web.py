@@ -19,7 +19,7 @@ import orjson
 import tornado.httputil
 import tornado.web
 
-from . import validate
+from . import accesslog, validate
 from .auth import TokenVerifier, bearer
 from .domain import ChatService
 from .errors import (
@@ -635,20 +635,11 @@ def make_app(
     )
 
 
-_access = logging.getLogger("chatd.access")
-
-
 def access_log(method: str, path: str, status: int, rid: str) -> None:
     """The access line of an answer given without a handler (chatd.httpconn)."""
-    if _access.isEnabledFor(logging.INFO):
-        _access.info(
-            "%s %s %d rid=%s",
-            method,
-            path,
-            status,
-            rid,
-            extra={"request_id": rid, "method": method, "path": path, "status": status},
-        )
+    if accesslog.enabled(logging.INFO):
+        extra = {"request_id": rid, "method": method, "path": path, "status": status}
+        accesslog.log(logging.INFO, method, path, status, rid, extra)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -665,25 +656,17 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     # are 4-6 per connection: at debug level, as chatd logs one connect and
     # one disconnect line per socket. Its refusals (4xx, 5xx) stay visible.
     level = logging.DEBUG if route == "/socket.io/" and status < 400 else logging.INFO
-    if not _access.isEnabledFor(level):
+    if not accesslog.enabled(level):
         return
     rid = request_id_of(request)
-    ms = round(1000.0 * seconds, 1)
-    _access.log(
-        level,
-        "%s %s %d %.1fms rid=%s",
-        request.method,
-        request.path,
-        status,
-        ms,
-        rid,
-        extra={
-            "request_id": rid,
-            "method": request.method,
-            "path": request.path,
-            "route": route,
-            "status": status,
-            "duration_ms": ms,
-            "remote_ip": request.remote_ip,
-        },
-    )
+    method, path = request.method, request.path
+    extra = {
+        "request_id": rid,
+        "method": method,
+        "path": path,
+        "route": route,
+        "status": status,
+        "duration_ms": round(1000.0 * seconds, 1),
+        "remote_ip": request.remote_ip,
+    }
+    accesslog.log(level, method, path, status, rid, extra)

@@ -55,3 +55,37 @@ async def test_concurrent_reads_by_members_and_strangers_get_200_and_404(api, ch
             assert [m["content"] for m in reply.json["messages"]] == ["hello"]
         else:
             assert reply.status == 404 and reply.error_code == "chat_not_found", (user, reply)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_searches_share_the_membership_read_and_each_see_their_own_chats(
+    api, chatd, chat_id
+):
+    """storage._MyChats: the chats of each searcher of a loop iteration come
+    from one statement, and each search still finds only its caller's chats."""
+    one, two = f"{chat_id}-1", f"{chat_id}-2"
+    await api.create_chat(one, members=["bob"])  # alice owns both
+    await api.create_chat(two, members=["carol"])
+    await api.send(one, "needle in one")
+    await api.send(two, "needle in two")
+    users = ["alice", "bob", "carol", "mallory"] * 4
+    storage = chatd.storage
+    before = storage.my_chats.batches
+    pages = await asyncio.gather(*(api.get("/search?q=needle", user=u) for u in users))
+    assert storage.my_chats.batches > before  # they did share statements
+    expected = {
+        "alice": ["needle in two", "needle in one"],
+        "bob": ["needle in one"],
+        "carol": ["needle in two"],
+        "mallory": [],
+    }
+    for user, page in zip(users, pages, strict=True):
+        assert page.status == 200, page
+        found = [m["content"] for m in page.json["messages"] if m["chat_id"] in (one, two)]
+        assert found == expected[user], (user, found)
+    mine = await storage.my_chats.many(["bob", "nobody", "alice"])
+    assert [sorted(c for c in chats if c.startswith(chat_id)) for chats in mine] == [
+        [one],
+        [],
+        [one, two],
+    ]

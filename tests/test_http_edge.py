@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import signal
 import time
@@ -21,6 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
+from chatd import server
 from chatd.server import Chatd
 
 from .helpers import token
@@ -72,7 +74,7 @@ async def connect(port: int):
 async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
     try:
         rest = await asyncio.wait_for(reader.read(), timeout)
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         return True
     return rest == b""
 
@@ -338,6 +340,62 @@ async def test_a_trickling_body_after_an_early_answer_is_cut_too(quick_chatd):
         writer.close()
 
 
+# -- the idle timeout (chatd.httpconn._IdleSweep) ------------------------------------------
+
+
+@pytest.fixture
+def idle_chatd(io_loop, settings, monkeypatch):
+    monkeypatch.setattr(server, "IDLE_CONNECTION_TIMEOUT", 1.5)
+    daemon = Chatd(settings)
+    io_loop.run_sync(daemon.start)
+    yield daemon
+    io_loop.run_sync(daemon.stop)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_and_trickling_heads_are_closed_and_busy_connections_kept(idle_chatd):
+    """A connection that sends nothing, one idle after an answered request,
+    and one whose head trickles in a byte at a time are all closed after the
+    idle timeout; one that keeps sending requests stays open past it."""
+    port = idle_chatd.port
+    silent = await connect(port)
+    after_one = await connect(port)
+    trickle = await connect(port)
+    busy = await connect(port)
+    try:
+        after_one[1].write(request("GET", "/healthz"))
+        assert (await read_answer(after_one[0])).status == 200
+        started = time.monotonic()
+
+        async def trickling():
+            for byte in request("GET", "/healthz")[:30]:  # never a whole head
+                trickle[1].write(bytes([byte]))
+                await asyncio.sleep(0.25)
+
+        async def busy_requests():
+            answered = 0
+            while time.monotonic() - started < 4.5:
+                busy[1].write(request("GET", "/healthz"))
+                assert (await read_answer(busy[0])).status == 200
+                answered += 1
+                await asyncio.sleep(0.5)
+            return answered
+
+        feeding = asyncio.ensure_future(trickling())
+        answered = await busy_requests()
+        for reader, _ in (silent, after_one, trickle):
+            assert await closed_by_server(reader)
+        assert time.monotonic() - started < 12
+        feeding.cancel()
+        # The busy one is still served, well past the 1.5 s timeout.
+        busy[1].write(request("GET", "/healthz"))
+        assert (await read_answer(busy[0])).status == 200
+        assert answered >= 8
+    finally:
+        for _, writer in (silent, after_one, trickle, busy):
+            writer.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_stop_does_not_wait_for_an_unfinished_body(spawn):
     proc = spawn(SHUTDOWN_TIMEOUT="20", BODY_TIMEOUT="30")
@@ -421,3 +479,52 @@ async def test_a_body_arriving_within_the_timeout_is_served(quick_chatd):
         assert (await read_answer(reader)).status == 200
     finally:
         writer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keep_alive_connections_closed_between_requests_are_let_go(chatd, caplog):
+    """The next request's head is read as soon as an answer is out
+    (Connection._arm_next_head): a client that then closes, or sends half a
+    head and closes, ends its connection on chatd's side too, quietly."""
+    pairs = [await connect(chatd.port) for _ in range(6)]
+    for reader, writer in pairs:
+        writer.write(request("GET", "/healthz"))
+        assert (await read_answer(reader)).status == 200
+    pairs[0][1].write(b"GET /heal")  # half a head, then gone
+    for _, writer in pairs:
+        writer.close()
+    deadline = time.monotonic() + 10
+    while chatd.http._connections:
+        assert time.monotonic() < deadline, chatd.http._connections
+        await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+
+
+# -- proxy headers (xheaders; chatd.httpconn.RequestContext) -----------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_logged_client_address_follows_the_proxy_headers_per_request(chatd, caplog):
+    """On one keep-alive connection: a request through a proxy is logged with
+    the address the proxy names, and the next request without proxy headers
+    with the connection's own address again."""
+    caplog.set_level(logging.INFO, logger="chatd.access")
+    reader, writer = await connect(chatd.port)
+    try:
+        for rid, headers in (
+            ("xh-1", {"X_Forwarded_For": "203.0.113.9, 10.0.0.1"}),
+            ("xh-2", {}),
+            ("xh-3", {"X_Real_Ip": "198.51.100.7"}),
+            ("xh-4", {"X_Real_Ip": "not-an-address"}),
+        ):
+            writer.write(request("GET", "/healthz", X_Request_Id=rid, **headers))
+            assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+    seen = {r.request_id: r.remote_ip for r in caplog.records if r.name == "chatd.access"}
+    assert seen == {
+        "xh-1": "10.0.0.1",  # the last hop before chatd's proxy
+        "xh-2": "127.0.0.1",
+        "xh-3": "198.51.100.7",
+        "xh-4": "127.0.0.1",
+    }, seen

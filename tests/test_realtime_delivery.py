@@ -1,8 +1,9 @@
 """Packet order on a socket (chatd.delivery.DirectSocket): a packet sent to an
-idle websocket is written at once, anything else goes through engine.io's
-queue and writer task; either way a socket gets its packets in the order
-they were sent, on websocket, on long-polling and across the upgrade from
-one to the other.
+idle websocket is written at once, anything else goes through the socket's
+queue (written by a flush the queue schedules on the loop, or by engine.io's
+long-polling); either way a socket gets its packets in the order they were
+sent, on websocket, on long-polling and across the upgrade from one to the
+other.
 
 The client here is a minimal Engine.IO 4 / Socket.IO 5 client written for
 these tests (:class:`RawClient`): it records every event and ack in the

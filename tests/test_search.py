@@ -363,6 +363,36 @@ async def test_mention_event_reaches_every_socket_of_the_user_joined_or_not(api,
             await sock.close()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_racing_edits_tell_a_newly_mentioned_user_exactly_once(api, url):
+    """Edits that add the same mention, all in flight at once: the first to
+    commit newly mentions the user, the others replace a text that already
+    did, so one `mention` event in all (each edit compares with the mentions
+    it replaced in its own transaction, not with a read made before)."""
+    w = World()
+    chat = w.chat()
+    await api.create_chat(chat, owner=w.a, members=[w.b])
+    watcher = await SocketClient(url, user=w.b).connect()
+    try:
+        for round_ in range(3):
+            msg = await sent(api, chat, f"plain {round_}", w.a)
+            answers = await asyncio.gather(
+                *(
+                    api.patch(f"/messages/{msg['id']}", {"content": f"@{w.b} v{i}"}, user=w.a)
+                    for i in range(6)
+                )
+            )
+            assert all(a.status == 200 for a in answers), answers
+            await sent(api, chat, f"@{w.b} marker {round_}", w.a)
+            await watcher.wait_for(
+                "mention", lambda d, r=round_: d["message"]["content"] == f"@{w.b} marker {r}"
+            )
+            about = [m for m in watcher.of("mention") if m["message"]["id"] == msg["id"]]
+            assert len(about) == 1, about
+    finally:
+        await watcher.close()
+
+
 # -- direct chats ------------------------------------------------------------------------
 
 
