@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import struct
 
 import orjson
@@ -224,3 +225,35 @@ async def test_with_compression_tornados_own_frame_loop_serves_the_socket(io_loo
         assert not daemon.sio.eio.sockets
     finally:
         await daemon.stop()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_frames_written_straight_to_the_socket_keep_their_order_when_it_fills(
+    chatd, api, chat_id
+):
+    """A websocket frame goes straight to the socket while nothing is queued
+    before it (SocketHandler.write_message). A client that stops reading
+    fills the socket: the rest of a partly sent frame, and every frame after
+    it, queue in Tornado's stream and leave in order once it reads again."""
+    url = f"http://127.0.0.1:{chatd.port}"
+    await api.create_chat(chat_id, members=["bob"])
+    sock = await RawSocket.open(url, token("bob"))
+    try:
+        assert (await sock.call("join-chat", chat_id))["ok"]
+        handler = chatd.sio.eio.sockets[_eio_sid(chatd, sock.sid)]._ws_handler
+        server_side = handler.ws_connection.stream.socket
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.writer.transport.pause_reading()
+        texts = [f"{i:04d} " + "x" * (3000 + 7 * i) for i in range(60)]
+        for text in texts:
+            await api.send(chat_id, text)
+        assert handler.ws_connection.stream._write_buffer  # the socket did fill
+        sock.writer.transport.resume_reading()
+        deadline = asyncio.get_running_loop().time() + 30
+        while len([e for e in sock.events if e[0] == "new-message"]) < len(texts):
+            assert asyncio.get_running_loop().time() < deadline, len(sock.events)
+            await asyncio.sleep(0.05)
+        got = [d["content"] for name, d in sock.events if name == "new-message"]
+        assert got == texts
+    finally:
+        await sock.close()
