@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/disconnect_storm.py [--sockets 10000] [--chats 100]
         [--pg postgresql://postgres@127.0.0.1:5432/postgres]
-        [--redis redis://127.0.0.1:6379/0] [--profile out.prof]
+        [--redis redis://127.0.0.1:6379/0] [--profile out.prof] [--turns out.jsonl]
 
 Starts its own chatd (python -m chatd, on a fresh database and Redis prefix),
 then:
@@ -19,8 +19,12 @@ then:
    for the previous answer) until chatd reports the sockets gone;
 5. presence in Redis must then hold exactly the keepers (and u0).
 
-Prints one JSON line of figures. ``--profile`` runs chatd under cProfile
-(written when it stops), for finding where a disconnect's time goes.
+Prints one JSON line of figures: the samples' latencies before the storm,
+during it (until presence settled) and in its first WINDOW_S seconds (the
+same span whatever the storm's length). ``--profile`` runs chatd under
+cProfile (written when it stops), for finding where a disconnect's time goes;
+``--turns`` times every event-loop turn of the storm instead (see
+serve_traced).
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ from chatd.auth import mint  # noqa: E402
 from tests.rawsocket import RawSocket  # noqa: E402
 
 PROBE_CHATS = 10
+# The window after the kill of the *_first_s figures (seconds).
+WINDOW_S = 3.0
+# --turns: the turns written one by one (seconds and more).
+LONG_TURN_S = 0.01
+# --turns: the storm's turns counted by duration, under each of these (ms).
+TURN_EDGES_MS = (1, 2, 5, 10, 20, 50, 100)
 SECRET = "bench-secret-0123456789abcdef0123456789"
 
 
@@ -63,6 +73,12 @@ def pct(values: list[float], p: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def window(samples: list, since: float) -> list:
+    """p50 / p99 / max (ms) of the samples answered within WINDOW_S of ``since``."""
+    dts = [dt for ts, _, dt in samples if ts - since <= WINDOW_S]
+    return [round(pct(dts, q) * 1000, 1) for q in (0.5, 0.99, 1.0)]
 
 
 def slowest(samples: list, since: float, n: int = 3) -> list:
@@ -267,6 +283,11 @@ class Run:
                     round(pct(storm_h, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
                 "send_ms_storm_p50_p99_max": [
                     round(pct(storm_s, q) * 1000, 1) for q in (0.5, 0.99, 1.0)],
+                # The first WINDOW_S seconds after the kill only: the same
+                # span whatever the storm's length (the figures above run
+                # until presence settles, so a slower storm adds quiet samples).
+                "healthz_ms_first_s_p50_p99_max": window(health, killed),
+                "send_ms_first_s_p50_p99_max": window(sends, killed),
                 "samples": [len(storm_h), len(storm_s)], "non_2xx": len(bad),
                 # The 3 slowest of each: [s after the kill when answered, ms].
                 "slowest_healthz": slowest(health, killed), "slowest_send": slowest(sends, killed),
@@ -313,10 +334,14 @@ def serve_profiled(out: str) -> None:
 
 def serve_traced(out: str) -> None:
     """python -m chatd with every event-loop turn timed (from SIGUSR1 to
-    SIGUSR2): the turns longer than 20 ms are written to ``out`` as JSON
-    lines, each with its duration (and the CPU time the process had in it:
-    less means the machine ran something else meanwhile), how many callbacks it ran and the time
-    spent per callback (by function name), longest first."""
+    SIGUSR2): the turns longer than LONG_TURN_S (10 ms) are written to ``out``
+    as JSON lines, each with its duration (and the CPU time the process had in
+    it: less means the machine ran something else meanwhile), the time outside
+    its callbacks (select(), parking), how many callbacks it ran and the time
+    spent per callback (by function name), longest first; then the garbage
+    collections over 5 ms and how many selects left websocket events waiting;
+    then one line for every turn of the storm: their number, wall and CPU
+    time, a histogram of their durations and the time per callback."""
     import gc
     from asyncio import base_events, events
 
@@ -324,6 +349,10 @@ def serve_traced(out: str) -> None:
 
     state = {"on": False, "cur": None}
     long_turns: list = []
+    # Every turn of the storm: how many, their wall and CPU time, a histogram
+    # of their durations, and the time per callback over all of them.
+    summary = {"turns": 0, "wall_s": 0.0, "cpu_s": 0.0, "hist": [0] * (len(TURN_EDGES_MS) + 1)}
+    callbacks: dict = {}
     run_once = base_events.BaseEventLoop._run_once
     handle_run = events.Handle._run
 
@@ -359,12 +388,27 @@ def serve_traced(out: str) -> None:
             dt = time.perf_counter() - t
             cpu = time.thread_time() - cpu
             state["cur"] = None
-            if dt > 0.02:
+            summary["turns"] += 1
+            summary["wall_s"] += dt
+            summary["cpu_s"] += cpu
+            for i, edge in enumerate(TURN_EDGES_MS):
+                if dt * 1000 < edge:
+                    summary["hist"][i] += 1
+                    break
+            else:
+                summary["hist"][-1] += 1
+            for k, (n, s) in cur.items():
+                tn, ts = callbacks.get(k, (0, 0.0))
+                callbacks[k] = (tn + n, ts + s)
+            if dt > LONG_TURN_S:
                 top = sorted(cur.items(), key=lambda kv: -kv[1][1])[:8]
                 long_turns.append({
                     "at": round(time.monotonic(), 3), "ms": round(dt * 1000, 1),
                     "cpu_ms": round(cpu * 1000, 1),
                     "callbacks": sum(n for n, _ in cur.values()),
+                    # the turn's own time outside its callbacks (select(),
+                    # parking, timers)
+                    "select_ms": round((dt - sum(s for _, s in cur.values())) * 1000, 1),
                     "top": [[k, n, round(s * 1000, 1)] for k, (n, s) in top],
                 })  # fmt: skip
 
@@ -389,8 +433,17 @@ def serve_traced(out: str) -> None:
     def dump(*_):
         state["on"] = False
         selector = getattr(asyncio.get_event_loop(), "chatd_selector", None)
-        long_turns.append({"deferred_total": getattr(selector, "deferred_total", None),
+        long_turns.append({"storm_turns": getattr(selector, "storm_turns", None),
                            "gc_over_5ms": gc_times})  # fmt: skip
+        top = sorted(callbacks.items(), key=lambda kv: -kv[1][1])[:15]
+        long_turns.append({
+            "turns": summary["turns"], "wall_s": round(summary["wall_s"], 3),
+            "cpu_s": round(summary["cpu_s"], 3),
+            "turn_ms_histogram": dict(zip(
+                [f"<{e}" for e in TURN_EDGES_MS] + [f">={TURN_EDGES_MS[-1]}"], summary["hist"],
+                strict=True)),
+            "callbacks_top": [[k, n, round(s * 1000, 1)] for k, (n, s) in top],
+        })  # fmt: skip
         with open(out, "wb") as f:
             for turn in long_turns:
                 f.write(orjson.dumps(turn) + b"\n")
@@ -426,7 +479,7 @@ def main() -> None:
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", default="")
-    p.add_argument("--turns", default="", help="write the storm's turns over 20 ms here")
+    p.add_argument("--turns", default="", help="write the storm's turns over 10 ms here")
     p.add_argument("--keep-log", action="store_true")
     args = p.parse_args()
     print(orjson.dumps(asyncio.run(Run(args).main())).decode(), flush=True)

@@ -62,8 +62,18 @@ async def _deliver(manager, event, data, namespace, room, skip_sid) -> None:
             sock = get_socket(eio_sid)
         except KeyError:  # gone or closed meanwhile: nothing to send to
             continue
-        for pkt in eio_pkts:
-            await sock.send(pkt)
+        if not getattr(sock, "_ended", False):
+            for pkt in eio_pkts:
+                await sock.send(pkt)
+            if not getattr(sock, "_ended", False):
+                continue
+        # Its connection is over (or send() just found its peer gone) and its
+        # close waits its turn (a storm): its packets are dropped, and it
+        # leaves its rooms now rather than be walked by every broadcast
+        # until then (chatd.realtime's managers).
+        leave = getattr(manager, "leave_rooms_early", None)
+        if leave is not None:
+            leave(sid, namespace)
 
 
 async def deliver_message(manager, message: dict) -> bool:

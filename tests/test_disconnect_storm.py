@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 
 import pytest
@@ -30,7 +31,8 @@ async def test_hundreds_of_sockets_dropped_at_once_leave_presence_exact(
     """...and in a few Redis round trips: one presence script and one publish
     per batch of disconnects (before: one of each per socket, 300 + 297)."""
     redis_client = redis.Redis.from_url(private_redis.url)
-    a, b = spawn(REDIS_URL=private_redis.url), spawn(REDIS_URL=private_redis.url)
+    a = spawn(REDIS_URL=private_redis.url, LOG_LEVEL="info", LOG_FORMAT="json")
+    b = spawn(REDIS_URL=private_redis.url)
     api = Api(a.url)
     chats = [f"{chat_id}-{c}" for c in range(CHATS)]
     for c in chats:
@@ -87,6 +89,17 @@ async def test_hundreds_of_sockets_dropped_at_once_leave_presence_exact(
     # depends on how the resets arrive), each one script and one publish.
     assert calls("evalsha") - scripts <= 30, calls("evalsha") - scripts
     assert calls("publish") - publishes <= 30, calls("publish") - publishes
+    # Logged: every dropped socket once, by user (and sid), but one line per
+    # batch of disconnects rather than one per socket.
+    records = [json.loads(line) for line in a.log().splitlines() if line.startswith("{")]
+    lone = [r for r in records if r.get("event") == "socket_disconnect"]
+    batches = [r for r in records if r.get("event") == "sockets_disconnect"]
+    logged = [r["user_id"] for r in lone] + [u for r in batches for u in r["user_ids"]]
+    assert sorted(logged) == sorted(f"u{i}" for i in range(SOCKETS))
+    assert len({r["sid"] for r in lone} | {s for r in batches for s in r["sids"]}) == SOCKETS
+    assert all(r["count"] == len(r["user_ids"]) > 1 for r in batches)
+    assert all(r["level"] == "info" for r in lone + batches)
+    assert len(lone) + len(batches) <= 30, (len(lone), len(batches))
     # Both processes still serve, and A holds no socket of the storm.
     assert (await api.get("/healthz")).status == 200
     metrics = (await api.get("/metrics")).body.decode()
