@@ -82,11 +82,13 @@ side; it reads ``IOStream._read_buffer_size``), ``write_headers``, ``write``,
 ``finish``, ``_finish_request``,
 ``HTTP1ServerConnection._server_request_loop``, ``HTTPServer.handle_stream``
 (chatd.server.HTTPServer), ``_HTTPRequestContext._apply_xheaders``
-(chatd.httpconn.RequestContext), and ``IOStream.write`` (chatd.httpconn.
-ServerStream: it reads ``_write_buffer``, ``_connecting``, ``_closed`` and
-keeps ``_total_write_index`` / ``_total_write_done_index`` in step; tests:
+(chatd.httpconn.RequestContext), and ``IOStream.write`` and
+``BaseIOStream._handle_events`` (chatd.httpconn.ServerStream: Tornado 6.6's
+``_handle_events`` with one condition changed; ``write`` reads
+``_write_buffer``, ``_connecting``, ``_closed`` and keeps
+``_total_write_index`` / ``_total_write_done_index`` in step; tests:
 tests/test_http_edge.py and tests/test_websocket_transport.py, a slow reader
-each).
+each, and the keep-alive POSTs that stay in epoll).
 
 The event loop is asyncio's, built on chatd.fairselect's selector (through
 ``SelectorEventLoop(selector)``, asyncio's own hook; the selector extends

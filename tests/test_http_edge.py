@@ -563,3 +563,43 @@ async def test_the_logged_client_address_follows_the_proxy_headers_per_request(c
         "xh-3": "198.51.100.7",
         "xh-4": "127.0.0.1",
     }, seen
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_posts_on_a_keep_alive_connection_keep_its_socket_in_epoll(chatd, api, chat_id):
+    """POSTs with bodies on one connection, one after the other and then
+    twenty pipelined in one write: each answered, in order, and the socket
+    stays in the loop's epoll set throughout (httpconn.ServerStream keeps
+    reading while a small body waits in its buffer; Tornado took the socket
+    out and put it back for every request whose body came with its head)."""
+    await api.create_chat(chat_id)
+    selector = asyncio.get_running_loop()._selector
+    removed: list[int] = []
+    unregister = selector.unregister
+
+    def counting(fileobj):
+        removed.append(fileobj if isinstance(fileobj, int) else fileobj.fileno())
+        return unregister(fileobj)
+
+    selector.unregister = counting
+    reader, writer = await connect(chatd.port)
+    try:
+        auth = {"Authorization": f"Bearer {token('alice')}", "Content_Type": "application/json"}
+        path = f"/chats/{chat_id}/messages"
+        for i in range(10):
+            writer.write(
+                request("POST", path, orjson.dumps({"content": f"one by one {i}"}), **auth)
+            )
+            answer = await read_answer(reader)
+            assert answer.status == 201 and answer.json["seq"] == i + 1, answer
+        body = [orjson.dumps({"content": f"pipelined {i}"}) for i in range(20)]
+        writer.write(b"".join(request("POST", path, b, **auth) for b in body))
+        answers = [await read_answer(reader) for _ in body]
+        assert [a.status for a in answers] == [201] * 20
+        assert [a.json["content"] for a in answers] == [f"pipelined {i}" for i in range(20)]
+        assert [a.json["seq"] for a in answers] == list(range(11, 31))
+        ours = [c.stream.socket.fileno() for c in chatd.http._connections if c.stream is not None]
+        assert ours and not [fd for fd in removed if fd in ours], removed
+    finally:
+        selector.unregister = unregister
+        writer.close()
