@@ -54,7 +54,7 @@ def code_server_events() -> set[str]:
     """Every event name chatd emits to sockets, from its source: a literal
     first argument of an emit (internal ``chatd:`` events carry a colon)."""
     names: set[str] = set()
-    for source in (ROOT / "chatd").glob("*.py"):
+    for source in (ROOT / "chatd").rglob("*.py"):
         names |= set(
             re.findall(r"\b_?emit(?:_message)?\(\s*\"([a-z][a-z-]*)\"", source.read_text())
         )

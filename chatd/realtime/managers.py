@@ -121,13 +121,13 @@ from socketio.async_manager import AsyncManager
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from tornado.httputil import HTTPHeaders
 
-from . import autopipe, delivery, relay, validate
-from .auth import TokenVerifier, bearer
-from .domain import ChatService
-from .errors import ApiError, BadRequest, Forbidden, RateLimited, Unauthorized
-from .presence import LocalPresence, Presence
-from .redishealth import RedisUnavailable
-from .web import request_id_from
+from .. import autopipe, delivery, relay, validate
+from ..auth import TokenVerifier, bearer
+from ..domain import ChatService
+from ..errors import ApiError, BadRequest, Forbidden, RateLimited, Unauthorized
+from ..presence import LocalPresence, Presence
+from ..redishealth import RedisUnavailable
+from ..web import request_id_from
 
 log = logging.getLogger("chatd.realtime")
 
