@@ -37,7 +37,7 @@ skip the body timer when the body has arrived with its headers),
 ``HTTP1ServerConnection._server_request_loop`` (to use this connection class),
 and ``_HTTPRequestContext._apply_xheaders`` (skipped when a request has no
 proxy headers); listed with chatd's other library overrides in
-chatd/realtime.py, and exercised by tests/test_http_edge.py.
+chatd/realtime/__init__.py, and exercised by tests/test_http_edge.py.
 
 Two costs of Tornado's per request are gone, the behaviour kept: the wait
 for a request head is bounded by one sweep per event loop (:class:`_IdleSweep`)

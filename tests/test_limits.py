@@ -180,7 +180,7 @@ async def test_page_size_limit(chatd, api, chat_id):
 async def test_rooms_per_socket_limit(chatd, api, chat_id, monkeypatch):
     # The real limit is 200 chats; the rule is the same at 3 and the test
     # does not need 200 chats.
-    monkeypatch.setattr(realtime.managers, "MAX_ROOMS_PER_SOCKET", 3)
+    monkeypatch.setattr(realtime.namespace, "MAX_ROOMS_PER_SOCKET", 3)
     chats = [f"{chat_id}-{i}" for i in range(4)]
     for c in chats:
         await api.create_chat(c)
