@@ -357,9 +357,18 @@ def _running(proc: subprocess.Popen, parent: int) -> bool:
 
 
 PREDECESSOR_TIMEOUT = 30.0
+# The embedded Redis's pid as chatd recorded it (next to Redis's own pid file,
+# which Redis removes before it is done: see EmbeddedServers' Redis start).
+REDIS_OWNER_PID = "redis.chatd-pid"
 
 
-def _await_predecessor(pid_file: Path, name: str) -> None:
+def _await_predecessors(pid_files: list[Path], name: str, marker: str | None = None) -> None:
+    """_await_predecessor for each pid file that names a process."""
+    for pid_file in pid_files:
+        _await_predecessor(pid_file, name, marker)
+
+
+def _await_predecessor(pid_file: Path, name: str, marker: str | None = None) -> None:
     """Wait for the server a previous chatd on this folder left behind.
 
     A chatd killed outright (SIGKILL) takes its servers with it through the
@@ -376,7 +385,7 @@ def _await_predecessor(pid_file: Path, name: str) -> None:
         return
     deadline = time.monotonic() + PREDECESSOR_TIMEOUT
     logged = False
-    while pid > 0 and _is_process(pid, name):
+    while pid > 0 and _is_process(pid, name, marker):
         if time.monotonic() > deadline:
             raise EmbeddedError(
                 f"a {name} (pid {pid}) still runs on this data folder after "
@@ -388,8 +397,10 @@ def _await_predecessor(pid_file: Path, name: str) -> None:
         time.sleep(0.05)
 
 
-def _is_process(pid: int, name: str) -> bool:
-    """Whether ``pid`` runs and is a ``name`` (Linux: its comm; elsewhere, alive)."""
+def _is_process(pid: int, name: str, marker: str | None = None) -> bool:
+    """Whether ``pid`` runs and is a ``name`` (Linux: its comm; elsewhere,
+    alive), and with ``marker``, one whose command line names it (this
+    folder's socket: a pid reused since, by another Redis, is not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -403,7 +414,15 @@ def _is_process(pid: int, name: str) -> bool:
     # "pid (comm) state ...": a zombie has exited (its socket and files are gone).
     comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
     state = stat_line[stat_line.rfind(")") + 2 : stat_line.rfind(")") + 3]
-    return comm.startswith(name[:15]) and state not in ("Z", "X")
+    if not comm.startswith(name[:15]) or state in ("Z", "X"):
+        return False
+    if marker is not None:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return True  # it runs; no way to tell whose it is
+        return marker.encode() in cmdline
+    return True
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -604,8 +623,15 @@ class EmbeddedServers:
             "--loglevel", "warning",
             "--pidfile", str(rdir / "redis.pid"),  # for the next start: see _await_predecessor
         ]  # fmt: skip
-        _await_predecessor(rdir / "redis.pid", "redis-server")
+        # Redis removes its own pid file before it closes (and unlinks) its
+        # socket on the way out: a start that read no pid file in that window
+        # raced the leftover for the socket path. chatd's own record of the
+        # pid (REDIS_OWNER_PID) stays until the next start has waited.
+        _await_predecessors(
+            [rdir / REDIS_OWNER_PID, rdir / "redis.pid"], "redis-server", marker=str(sock)
+        )
         self.redis = self._spawn(argv, "redis.log", None, signal.SIGTERM)
+        (rdir / REDIS_OWNER_PID).write_text(f"{self.redis.pid}\n")
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=1)
         try:

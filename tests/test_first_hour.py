@@ -521,6 +521,38 @@ async def test_a_socket_a_refusal_and_a_curl_make_one_plain_line_each(spawn):
     assert len(refused) == 1 and "reason=invalid access token" in refused[0], refused
 
 
+def test_a_recorded_redis_pid_now_another_folders_redis_is_not_waited_for(data_dir, tmp_path):
+    """After a reboot the pid chatd recorded may belong to another Redis (the
+    system's, another folder's): that one is not a leftover of this folder."""
+    from chatd import embedded
+
+    servers = embedded.EmbeddedServers(data_dir, with_postgres=False, durable=False)
+    rdir = data_dir / "redis"
+    rdir.mkdir(mode=0o700)
+    other_sock = tmp_path / "other.sock"
+    other = subprocess.Popen(
+        [str(embedded.redis_server_bin()), "--port", "0", "--unixsocket", str(other_sock),
+         "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not other_sock.exists():
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.02)
+        (rdir / embedded.REDIS_OWNER_PID).write_text(f"{other.pid}\n")
+        started = time.monotonic()
+        servers.start()
+        try:
+            assert time.monotonic() - started < embedded.PREDECESSOR_TIMEOUT / 3
+            assert servers.down() == [] and other.poll() is None
+        finally:
+            servers.stop()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_leftover_redis_of_the_folder_is_waited_for_not_raced(data_dir):
     """The race behind the vanished redis.sock: a Redis left by the folder's
     previous chatd, still stopping when the next one starts, removes the
@@ -541,6 +573,9 @@ def test_a_leftover_redis_of_the_folder_is_waited_for_not_raced(data_dir):
          "--pidfile", str(rdir / "redis.pid"), "--save", "", "--dir", str(rdir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    # What the previous chatd recorded of it (Redis removes its own pid file
+    # before its socket, on the way out).
+    (rdir / embedded.REDIS_OWNER_PID).write_text(f"{old.pid}\n")
     try:
         deadline = time.monotonic() + 10
         while not ((rdir / "redis.pid").exists() and sock.exists()):
@@ -549,10 +584,11 @@ def test_a_leftover_redis_of_the_folder_is_waited_for_not_raced(data_dir):
         threading.Timer(1.0, old.terminate).start()  # the leftover is stopping
         started = time.monotonic()
         servers.start()
+        waited = time.monotonic() - started
         try:
             assert old.wait(10) == 0
             time.sleep(0.3)
-            assert time.monotonic() - started >= 0.9  # it waited for the old one
+            assert waited >= 0.9  # the new one started only once the old one was gone
             assert sock.exists()
             assert servers.down() == []
             client = redis.Redis(unix_socket_path=str(sock), socket_connect_timeout=2)
