@@ -230,7 +230,7 @@ class Connection(HTTP1Connection):
 
     def write_headers(self, start_line, headers, chunk=None):
         if self._refused:
-            return _done()
+            return _written()
         if not self.is_client and not self._read_finished and not self._disconnect_on_finish:
             # An answer before the request body was read: read a small
             # announced body and keep the connection, or say it closes.
@@ -250,7 +250,7 @@ class Connection(HTTP1Connection):
 
     def write(self, chunk: bytes):
         if self._refused:
-            return _done()
+            return _written()
         return super().write(chunk)
 
     def finish(self) -> None:
@@ -606,10 +606,4 @@ def _written() -> asyncio.Future:
             _WRITTEN.clear()
         future = _WRITTEN[loop] = loop.create_future()
         future.set_result(None)
-    return future
-
-
-def _done() -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(None)
     return future

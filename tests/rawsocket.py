@@ -16,6 +16,20 @@ from urllib.parse import urlsplit
 import orjson
 
 
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked client websocket frame (RFC 6455 5.2)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + _mask(payload, mask)
+
+
 class Closed(Exception):
     """The server closed the websocket (or the TCP connection)."""
 
@@ -74,17 +88,7 @@ class RawSocket:
     # -- frames ------------------------------------------------------------------
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        masked = _mask(payload, mask)
-        self.writer.write(head + mask + masked)
+        self.writer.write(client_frame(opcode, payload, fin))
 
     def send_text(self, text: str) -> None:
         self.send_frame(0x1, text.encode())

@@ -24,7 +24,7 @@ from chatd import server as chatd_server
 from chatd.delivery import DirectSocket
 
 from .helpers import token
-from .rawsocket import RawSocket, _mask
+from .rawsocket import RawSocket, client_frame
 
 
 def _server_tasks() -> set[asyncio.Task]:
@@ -74,17 +74,7 @@ def _eio_sid(chatd, sid: str) -> str:
     return chatd.sio.manager.eio_sid_from_sid(sid, "/")
 
 
-def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-    return head + mask + _mask(payload, mask)
+_frame = client_frame
 
 
 async def _read(sock: RawSocket) -> tuple[int, bytes]:
@@ -232,7 +222,7 @@ async def test_frames_written_straight_to_the_socket_keep_their_order_when_it_fi
     chatd, api, chat_id
 ):
     """A websocket frame goes straight to the socket while nothing is queued
-    before it (SocketHandler.write_message). A client that stops reading
+    before it (chatd.httpconn.ServerStream). A client that stops reading
     fills the socket: the rest of a partly sent frame, and every frame after
     it, queue in Tornado's stream and leave in order once it reads again."""
     url = f"http://127.0.0.1:{chatd.port}"
