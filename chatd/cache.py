@@ -333,13 +333,19 @@ MAX_CONNECTIONS = 64
 
 def connect(url: str, timeout: float) -> aioredis.Redis:
     """A Redis client whose every call is bounded by ``timeout`` seconds (a
-    redis-py RedisCluster for a ``redis+cluster://`` URL, REDIS_CLUSTER_NODES)."""
+    redis-py RedisCluster for a ``redis+cluster://`` URL, REDIS_CLUSTER_NODES).
+
+    Every call goes through the client's Batcher (chatd.autopipe), which
+    bounds each round trip, connecting included, by ``timeout``; so the
+    connections themselves have no read/write timeout. (redis-py bounds a
+    write with ``asyncio.wait_for``, a task and two loop turns per round
+    trip: a round trip waits that much longer whenever the loop is busy.)"""
     nodes = config.cluster_nodes(url)
     if nodes is not None:
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in nodes],
             max_connections=MAX_CONNECTIONS,
-            socket_timeout=timeout,
+            socket_timeout=None,  # not redis-py's default of 5 s: see above
             socket_connect_timeout=timeout,
             health_check_interval=30,
         )
@@ -354,7 +360,7 @@ def connect(url: str, timeout: float) -> aioredis.Redis:
         url,
         max_connections=MAX_CONNECTIONS,
         timeout=timeout,
-        socket_timeout=timeout,
+        socket_timeout=None,  # not redis-py's default of 5 s: see above
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,

@@ -36,8 +36,10 @@ class Coalescer:
 
     def __init__(self) -> None:
         self._open: list | None = None  # the batch gathering in this iteration
+        self._task: asyncio.Task | None = None  # the task that will send it
         self.batches = 0  # batches of more than one call sent (for tests, metrics)
-        # The batches in flight (kept referenced), by the futures they answer.
+        # The batches gathering or in flight (their tasks kept referenced), by
+        # the futures they answer.
         self._sending: dict[asyncio.Future, tuple[asyncio.Task, list]] = {}
 
     async def one(self, call):
@@ -55,11 +57,15 @@ class Coalescer:
         batch = self._open
         if batch is None or len(batch) >= MAX_BATCH:
             batch = self._open = []
-            # Callbacks run in the order they were scheduled: this one runs
-            # after everything already ready in this iteration (the calls that
-            # join the batch), as a task's `await asyncio.sleep(0)` would.
-            loop.call_soon(self._send, batch)
+            # The batch leaves from a task of its own. A task's first step is
+            # scheduled like any callback, after everything already ready in
+            # this iteration (the calls that join the batch), as a task's
+            # `await asyncio.sleep(0)` would; and the task answers its
+            # callers itself, so a call costs no loop turn beyond its round
+            # trip's own (each turn is one more wait when the loop is busy).
+            self._task = loop.create_task(self._flush(batch))
         batch.append((call, future))
+        self._sending[future] = (self._task, batch)
         return future
 
     async def run(self, call):
@@ -80,8 +86,15 @@ class Coalescer:
             future.exception()
             return
         sending = self._sending.get(future)
-        if sending is not None and all(f.cancelled() for _, f in sending[1]):
-            sending[0].cancel()
+        if sending is None:
+            return
+        task, batch = sending
+        # (A batch still gathering stays open: its task sends whoever else
+        # joins it, or nothing.)
+        if batch is not self._open and all(f.cancelled() for _, f in batch):
+            for _, f in batch:
+                self._sending.pop(f, None)
+            task.cancel()
 
     def fail_all(self, exc: Exception) -> list[asyncio.Task]:
         """Fail every call not yet answered with ``exc``, now: the ones
@@ -89,52 +102,48 @@ class Coalescer:
         flight (their batches are stopped, so a hung store holds no caller
         for its timeout). The batch running this (if any) finishes on its
         own. The batches stopped (to wait for, at shutdown)."""
-        gathering, self._open = self._open, None
+        self._open = None
         current = asyncio.current_task()
         stopped = set()
-        for _, future in gathering or ():
-            if not future.done():
-                future.set_exception(exc)
         for future, (task, _) in list(self._sending.items()):
             if not future.done():
                 future.set_exception(exc)
-            if task is not current and task not in stopped:
-                stopped.add(task)
-                task.cancel()
+            if task is not current:
+                del self._sending[future]
+                if task not in stopped:
+                    stopped.add(task)
+                    task.cancel()
         return list(stopped)
 
-    def _send(self, batch: list) -> None:
+    async def _flush(self, batch: list) -> None:
         if self._open is batch:
             self._open = None
-        batch = [entry for entry in batch if not entry[1].done()]  # cancelled: not sent
-        if not batch:
-            return
-        if len(batch) == 1:
-            task = asyncio.get_running_loop().create_task(self._alone(batch[0][0]))
-        else:
-            self.batches += 1
-            task = asyncio.get_running_loop().create_task(self.many([c for c, _ in batch]))
-        for _, future in batch:
-            self._sending[future] = (task, batch)
-
-        def answer(done: asyncio.Task) -> None:
-            for _, future in batch:
-                del self._sending[future]
-            if done.cancelled():
-                results = [asyncio.CancelledError()] * len(batch)
-            elif done.exception() is not None:
-                results = [done.exception()] * len(batch)
+        live = [entry for entry in batch if not entry[1].done()]  # cancelled: not sent
+        try:
+            if not live:
+                return
+            if len(live) == 1:
+                results = [await self.one(live[0][0])]
             else:
-                results = done.result()
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():  # its caller is gone
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                self.batches += 1
+                results = await self.many([call for call, _ in live])
+        except BaseException as exc:  # each caller gets it (a cancel: its own)
+            _answer(live, [asyncio.CancelledError() if isinstance(exc, asyncio.CancelledError)
+                           else exc] * len(live))  # fmt: skip
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            _answer(live, results)
+        finally:
+            for _, future in batch:
+                self._sending.pop(future, None)
 
-        task.add_done_callback(answer)
 
-    async def _alone(self, call) -> list:
-        return [await self.one(call)]
+def _answer(entries: list, results: list) -> None:
+    for (_, future), result in zip(entries, results, strict=True):
+        if future.done():  # its caller is gone
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -15,7 +15,7 @@ import orjson
 import socketio
 from redis.asyncio.cluster import RedisCluster
 
-from . import cache, relay
+from . import autopipe, cache, relay
 from .realtime import OrjsonPackets, chat_room, emit_message, publication, user_room
 
 
@@ -47,15 +47,16 @@ async def _publish(manager, room: str | None, payload: bytes | str) -> None:
         if manager.chatd_redis is None:
             manager.chatd_redis = cache.connect(manager.redis_url, manager.chatd_timeout)
         client = manager.chatd_redis
+        batch = autopipe.batcher(client)  # bounded by the timeout, as in chatd
         if manager.chatd_command is None:
             if isinstance(client, RedisCluster):
                 manager.chatd_command = "SPUBLISH"
             else:
-                info = await client.info("server")
+                info = await batch.run(None, (), ("INFO", "server"))
                 sharded = relay.redis_major(info) >= 7
                 manager.chatd_command = "SPUBLISH" if sharded else "PUBLISH"
         channel = relay.room_channel(manager.channel, room) or manager.channel
-        await client.execute_command(manager.chatd_command, channel, payload)
+        await batch.run(None, (), (manager.chatd_command, channel, payload))
     except Exception:
         pass
 

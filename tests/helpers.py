@@ -236,3 +236,26 @@ class ChatdProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class LoopTurns:
+    """Counts the running event loop's turns (iterations) while in the
+    ``with`` block: what a call costs a caller in turns, each of which is one
+    more wait behind everything else the loop has to do when it is busy."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __enter__(self) -> LoopTurns:
+        self._loop = loop = asyncio.get_running_loop()
+        run_once = loop._run_once
+
+        def counted():
+            self.n += 1
+            return run_once()
+
+        loop._run_once = counted  # an instance attribute: this loop only
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self._loop._run_once

@@ -9,9 +9,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from chatd import autopipe, coalesce, redishealth
+from chatd import autopipe, cache, coalesce, redishealth
 
 from . import conftest
+from .helpers import LoopTurns
 
 # Echoes its key and argument; fails (a script error) when the argument is "boom".
 ECHO = """
@@ -170,3 +171,23 @@ async def test_a_call_whose_callers_all_gave_up_is_stopped_and_frees_its_connect
     await asyncio.wait_for(closed.wait(), 10)
     server.close()
     await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_costs_its_caller_four_loop_turns_its_round_trip_included():
+    """A lone call on chatd's client: the batch's task sends it (turn 1),
+    the reply is read (2), the task answers (3), the caller goes on (4).
+    Each turn is a wait behind the rest of a busy loop (a disconnect storm:
+    ~1-3 ms each). Before: 8, redis-py's write timeout (asyncio.wait_for, a
+    task of its own) and the coalescer's own scheduling and answering taking
+    two each; the Batcher bounds each round trip already."""
+    client = cache.connect(conftest.REDIS_URL, 2.0)
+    batch = autopipe.batcher(client)
+    try:
+        assert await batch.run(None, (), ("PING",))  # connected
+        for _ in range(3):
+            with LoopTurns() as turns:
+                assert await batch.run(None, (), ("PING",))
+            assert turns.n <= 5, turns.n  # 4, and a spare for a stray timer
+    finally:
+        await cache.disconnect(client)

@@ -8,7 +8,9 @@ import asyncio
 
 import pytest
 
-from chatd.storage import Access
+from chatd.storage import Access, Storage
+
+from .helpers import LoopTurns
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -89,3 +91,20 @@ async def test_concurrent_searches_share_the_membership_read_and_each_see_their_
         [],
         [one, two],
     ]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_coalesced_query_costs_its_caller_five_loop_turns(database_url):
+    """A lone access check: the batch's task sends it (turn 1), the answer is
+    read (2), aiopg's wait_for lets go of it (3), the task answers (4), the
+    caller goes on (5). Before: 7, the coalescer scheduling its batch and
+    answering from a callback, a turn each."""
+    storage = await Storage.connect(database_url, size=1)
+    try:
+        await storage.access("nochat", "alice")  # connected
+        for _ in range(3):
+            with LoopTurns() as turns:
+                assert await storage.access("nochat", "alice") is None
+            assert turns.n <= 6, turns.n  # 5, and a spare for a stray timer
+    finally:
+        await storage.close()
