@@ -30,6 +30,15 @@ ms spread over several turns, more when the machine is busy (the kernel
 tearing 10,000 connections down on the same cores) or when requests share
 the turns, and a request needs several turns (a send ~6-8).
 
+What the events handed out start goes on in later turns, in background
+tasks (a socket's disconnect handlers, presence announcements to its rooms,
+the relay's reading): each calls :func:`pace` between two items, which goes
+on to the next turn once this one has run ``budget`` since its select()
+returned. So every turn of a storm lasts about ``budget``, whatever is
+behind, and the allowance above shrinks to one event per turn while the
+background is behind: a request, which needs a few turns (a send ~13),
+waits that much for each.
+
 The mark is the websocket's: set when its handshake is done, dropped by
 :func:`unmark_bulk` when its handler closes (asyncio unregisters and
 registers a descriptor again whenever Tornado stops and resumes reading, so
@@ -60,10 +69,12 @@ BULK_PER_TURN = 16
 # wait: each select() hands out as many as the last turns' measured time per
 # websocket event fits in this (at least one). A count alone made turns of
 # 20-60 ms when the machine was busy.
-TURN_BUDGET = 0.002
+TURN_BUDGET = 0.001
 # The turns that estimate: a websocket event's work spreads over the next 3-5
 # turns (its end, Tornado's close, engine.io's and python-socketio's).
 BUDGET_WINDOW = 8
+# (TURN_BUDGET is also what a turn may run before background work goes on
+# in the next one: pace().)
 # Selects in a row that left websocket events waiting before sends check
 # whether a socket's peer is gone (peer_gone): a storm, not a burst of traffic.
 STORM_RUN = 4
@@ -91,6 +102,8 @@ class FairSelector(selectors.EpollSelector):
         self._polled = 0.0
         self._handed = 0
         self.allowance = per_turn  # bulk events the last select could hand out
+        # When the last select() returned: the start of this loop turn (pace()).
+        self.turn_start = 0.0
 
     # -- which set a descriptor is in ---------------------------------------------
 
@@ -219,6 +232,8 @@ class FairSelector(selectors.EpollSelector):
             fd_event_list = self._selector.poll(timeout, max_ev)
         except InterruptedError:
             return ready
+        finally:
+            self.turn_start = time.perf_counter()
         bulk_fd = self._bulk_ep.fileno()
         bulk_ready = False
         for i, (fd, _) in enumerate(fd_event_list):
@@ -296,6 +311,26 @@ def peer_gone(sock: socket.socket) -> bool:
         return False
     except OSError:  # reset by the peer
         return True
+
+
+# pace() on a loop without a FairSelector: when it last went on to a new turn.
+_paced = 0.0
+
+
+async def pace() -> None:
+    """Between two items of background work (disconnect handlers, presence
+    announcements, relay messages): on to the next loop turn if this one has
+    run the selector's ``budget`` since its select() returned, so the turn
+    ends and requests waiting on a round trip go on. On a loop that
+    :func:`new_loop` did not make (a test's), counted from the last time
+    pace() went on."""
+    global _paced
+    sel = _current
+    budget = TURN_BUDGET if sel is None or sel.budget is None else sel.budget
+    if time.perf_counter() - (_paced if sel is None else sel.turn_start) > budget:
+        await asyncio.sleep(0)
+        if sel is None:
+            _paced = time.perf_counter()
 
 
 def mark_bulk(loop, fd: int) -> None:

@@ -40,11 +40,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from . import fairselect
+
 log = logging.getLogger("chatd.realtime")
 
 LISTEN_PING_INTERVAL = 5.0
-# Messages handled per event-loop turn by a reader before it lets the loop run.
-READ_PER_TURN = 32
 LISTEN_RETRY = (0.2, 5.0)
 
 
@@ -286,7 +286,6 @@ class Relay:
                     failed = False
                 delay = LISTEN_RETRY[0]
                 pinged = False
-                handled = 0
                 while True:
                     if writer.done():
                         writer.result()  # raises what stopped it
@@ -299,12 +298,10 @@ class Relay:
                         continue
                     pinged = False
                     self._handle(msg)
-                    handled += 1
-                    if handled % READ_PER_TURN == 0:
-                        # Messages already read are handed out without
-                        # suspending: a disconnect storm's 10,000 unsubscribe
-                        # confirmations made single steps of 10-60 ms.
-                        await asyncio.sleep(0)
+                    # Messages already read are handed out without
+                    # suspending: a disconnect storm's 10,000 unsubscribe
+                    # confirmations made single steps of 10-60 ms.
+                    await fairselect.pace()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

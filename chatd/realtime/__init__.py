@@ -88,7 +88,6 @@ from .managers import (
     RedisChatManager,
 )
 from .namespace import (
-    ANNOUNCE_SLICE,
     DISCONNECT_LOG_USERS,
     MAX_ROOMS_PER_SOCKET,
     ChatNamespace,
@@ -114,7 +113,6 @@ from .server import (
 )
 
 __all__ = [
-    "ANNOUNCE_SLICE",
     "BATCH",
     "DISCONNECT_BATCH",
     "DISCONNECT_LOG_USERS",

@@ -15,7 +15,7 @@ import orjson
 import socketio
 from socketio import packet
 
-from .. import delivery
+from .. import delivery, fairselect
 from ..errors import Forbidden
 from .managers import LocalChatManager
 from .namespace import ChatNamespace, _after_ack
@@ -195,7 +195,7 @@ class ChatServer(socketio.AsyncServer):
                                 await self._trigger_event("disconnect", namespace, sid, reason)
                     except Exception:
                         log.exception("disconnect handler failed")
-                await asyncio.sleep(0)  # let requests and events run between batches
+                await fairselect.pace()  # let requests and events run between batches
         finally:
             self._draining = None
 
