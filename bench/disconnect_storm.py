@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/disconnect_storm.py [--sockets 10000] [--chats 100]
         [--pg postgresql://postgres@127.0.0.1:5432/postgres]
-        [--redis redis://127.0.0.1:6379/0] [--profile out.prof] [--turns out.jsonl]
+        [--redis redis://127.0.0.1:6379/0] [--senders 3] [--profile out.prof]
+        [--turns out.jsonl]
 
 Starts its own chatd (python -m chatd, on a fresh database and Redis prefix),
 then:
@@ -15,8 +16,10 @@ then:
    socket left stays online);
 3. join-chat p50 again, with N sockets connected;
 4. the holder is SIGKILLed: the kernel closes its N connections at once.
-   Meanwhile /healthz and a REST send are sampled every 20 ms (each waits
-   for the previous answer) until chatd reports the sockets gone;
+   Meanwhile /healthz and a REST send to each of the first ``--senders``
+   chats (by its keeper) are sampled every 20 ms (each sampler waits for its
+   previous answer) until chatd reports the sockets gone: with 3 senders,
+   ~200 sends per storm, so the p99 is not just the slowest one;
 5. presence in Redis must then hold exactly the keepers (and u0).
 
 Prints one JSON line of figures: the samples' latencies before the storm,
@@ -111,7 +114,8 @@ async def hold(url: str, n: int, chats: int) -> None:
 class Run:
     def __init__(self, args):
         self.args = args
-        self.http = AsyncHTTPClient(max_clients=4)
+        # /healthz, /metrics and the senders, each one request at a time
+        self.http = AsyncHTTPClient(max_clients=args.senders + 3)
         self.url = ""
 
     async def req(self, method: str, path: str, body=None, user="k0") -> tuple[int, float]:
@@ -146,10 +150,10 @@ class Run:
             await sock.call("leave-chat", chat)
         return statistics.median(times) * 1000
 
-    async def sample(self, stop: asyncio.Event, path: str, body, out: list) -> None:
+    async def sample(self, stop: asyncio.Event, path: str, body, out: list, user="k0") -> None:
         method = "POST" if body is not None else "GET"
         while not stop.is_set():
-            code, dt = await self.req(method, path, body)
+            code, dt = await self.req(method, path, body, user)
             out.append((time.monotonic(), code, dt))
             await asyncio.sleep(0.02)
 
@@ -224,10 +228,12 @@ class Run:
             sends: list = []
             samplers = [
                 asyncio.ensure_future(self.sample(stop, "/healthz", None, health)),
-                asyncio.ensure_future(
-                    self.sample(stop, "/chats/c0/messages", {"content": "storm"}, sends)
+                *(
+                    asyncio.ensure_future(self.sample(
+                        stop, f"/chats/c{i}/messages", {"content": "storm"}, sends, f"k{i}"))
+                    for i in range(a.senders)
                 ),
-            ]
+            ]  # fmt: skip
             await asyncio.sleep(1.0)
             base_h = [dt for _, _, dt in health]
             base_s = [dt for _, _, dt in sends]
@@ -476,6 +482,12 @@ def main() -> None:
     )
     p.add_argument(
         "--redis", default=os.environ.get("CHATD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    p.add_argument(
+        "--senders",
+        type=int,
+        default=3,
+        help="REST senders sampling a send meanwhile, each to its own chat",
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--profile", default="")
